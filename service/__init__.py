@@ -1,0 +1,3 @@
+"""The Trigger Service: a NATS micro service that manages triggers and makes them live."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from service.cli import service_main
+
+service_main()

@@ -1,0 +1,71 @@
+"""Start-up and shutdown of the Trigger Service process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from service import log
+from service.auth import Authenticator
+from service.config import Settings
+from service.handlers import Carrier, Context, RecordsOnly
+from service.routing import Api
+from service.store import TriggerStore
+
+_log = log.get("app")
+
+
+async def connect(settings: Settings, name: str) -> Client:
+    """A NATS connection that keeps reconnecting for as long as the process lives."""
+    options: dict[str, Any] = {
+        "servers": settings.nats_url.split(","),
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+    }
+    if settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    return await nats.connect(**options)
+
+
+def make_carrier(settings: Settings, nc: Client, store: TriggerStore) -> Carrier:
+    """The data plane chosen by configuration."""
+    return RecordsOnly()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Api]:
+    """The service, from connect to drained connection."""
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await connect(settings, "trigger-service")
+        stack.push_async_callback(nc.drain)
+        store = await TriggerStore.open(nc.jetstream(), settings.bucket, settings.replicas)
+        carrier = make_carrier(settings, nc, store)
+        if isinstance(carrier, contextlib.AbstractAsyncContextManager):
+            await stack.enter_async_context(carrier)  # loads every live trigger before serving
+        api = Api(nc, Context(settings, store, carrier), Authenticator(settings))
+        await api.start()
+        stack.push_async_callback(api.stop)
+        _log.info("started", nats=nc.connected_url.netloc if nc.connected_url else None,
+                  bucket=settings.bucket, prefix=settings.prefix, routing=settings.routing,
+                  auth=settings.auth)
+        yield api
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then drain in-flight requests and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings):
+        await stop.wait()
+        _log.info("stopping")
+    _log.info("stopped")

@@ -1,0 +1,42 @@
+"""Console scripts: `trigger-service` and `trigger-gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from service import config, log
+
+
+def _settings() -> config.Settings:
+    try:
+        return config.load()
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def service_main(argv: list[str] | None = None) -> None:
+    """Run the Trigger Service."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:2] == ["accounts", "init"]:
+        from service.accounts.bootstrap import main as accounts_init
+
+        raise SystemExit(accounts_init(args[2:]))
+    if args:
+        print("usage: trigger-service [accounts init DIR]", file=sys.stderr)
+        raise SystemExit(2)
+    settings = _settings()
+    log.configure(settings.log_level, settings.log_format)
+    from service.app import serve
+
+    asyncio.run(serve(settings))
+
+
+def gateway_main(argv: list[str] | None = None) -> None:
+    """Run the HTTP sidecar."""
+    settings = _settings()
+    log.configure(settings.log_level, settings.log_format)
+    from service.gateway.app import serve
+
+    asyncio.run(serve(settings))

@@ -1,0 +1,106 @@
+"""Settings from the environment, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$"
+_BUCKET_PATTERN = r"^[A-Za-z0-9_-]+$"
+_ADDR_PATTERN = r"^[^\s:]*:\d{1,5}$"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the service and the sidecar read from their environment."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str | None = None
+    prefix: Annotated[str, Meta(pattern=_PREFIX_PATTERN)] = "ms.trigger"
+    bucket: Annotated[str, Meta(pattern=_BUCKET_PATTERN)] = "quiva-trigger-config"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    auth: Literal["jwt", "none"] = "jwt"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console", "auto"] = "auto"
+    max_in_flight: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    routing: Literal["single", "accounts"] = "single"
+    operator_seed: str | None = None
+    system_creds: str | None = None
+    http_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] = "127.0.0.1:8080"
+    request_timeout: Annotated[float, Meta(gt=0, le=600)] = 10.0
+
+    @property
+    def subject_base(self) -> str:
+        """Prefix of every trigger subject, with its trailing dot."""
+        return self.prefix + "."
+
+
+ENV_VARS: dict[str, str] = {
+    "nats_url": "NATS_URL",
+    "nats_creds": "NATS_CREDS",
+    "prefix": "TRIGGER_PREFIX",
+    "bucket": "TRIGGER_BUCKET",
+    "replicas": "TRIGGER_REPLICAS",
+    "auth": "TRIGGER_AUTH",
+    "jwt_secret": "TRIGGER_JWT_SECRET",
+    "jwt_public_key": "TRIGGER_JWT_PUBLIC_KEY",
+    "log_level": "LOG_LEVEL",
+    "log_format": "LOG_FORMAT",
+    "max_in_flight": "TRIGGER_MAX_IN_FLIGHT",
+    "routing": "TRIGGER_ROUTING",
+    "operator_seed": "TRIGGER_OPERATOR_SEED",
+    "system_creds": "TRIGGER_SYSTEM_CREDS",
+    "http_addr": "TRIGGER_HTTP_ADDR",
+    "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
+}
+_LOWERCASE = {"auth", "log_level", "log_format", "routing"}
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `environ` (default `os.environ`); raise ConfigError naming the variable."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    for field, var in ENV_VARS.items():
+        value = env.get(var)
+        if value not in (None, ""):
+            raw[field] = value.strip().lower() if field in _LOWERCASE else value.strip()
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        match = re.search(r"`\$\.(\w+)`", str(exc))
+        var = ENV_VARS.get(match.group(1), "?") if match else "?"
+        rule = str(exc).split(" - at ")[0]
+        raise ConfigError(f"{var}: {rule}") from None
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if settings.auth == "jwt" and not (settings.jwt_secret or settings.jwt_public_key):
+        raise ConfigError(
+            "TRIGGER_JWT_SECRET or TRIGGER_JWT_PUBLIC_KEY must be set to verify bearer tokens "
+            "(or TRIGGER_AUTH=none to turn authentication off for development)"
+        )
+    if settings.jwt_secret and len(settings.jwt_secret.encode()) < 32:
+        raise ConfigError("TRIGGER_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
+    if settings.jwt_secret and settings.jwt_public_key:
+        raise ConfigError("TRIGGER_JWT_SECRET and TRIGGER_JWT_PUBLIC_KEY: set only one of them")
+    for field in ("jwt_public_key", "nats_creds", "operator_seed", "system_creds"):
+        path = getattr(settings, field)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{ENV_VARS[field]}: no readable file at {path!r}")
+    if settings.routing == "accounts":
+        missing = [ENV_VARS[f] for f in ("operator_seed", "system_creds") if not getattr(settings, f)]
+        if missing:
+            raise ConfigError(f"TRIGGER_ROUTING=accounts needs {' and '.join(missing)}")

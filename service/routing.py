@@ -1,0 +1,199 @@
+"""The operation table, and its wiring onto `nats.micro` endpoints.
+
+This is the only place that sees a NATS message: it authenticates, decodes the request into its
+Struct, calls the handler, and replies with the envelope. The HTTP sidecar derives its routes
+from the same table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.micro import Request as MicroRequest
+from nats.micro.service import EndpointConfig, Service, ServiceConfig
+
+from schemas import triggers as t
+from service import handlers, log
+from service.auth import Authenticator, Caller
+from service.errors import ApiError, Internal, invalid
+
+SERVICE_NAME = "trigger-service"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+_log = log.get("routing")
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation of the API, over NATS and over HTTP."""
+
+    name: str
+    subject: str  # after the prefix; `*` tokens are the path parameters {type} and {name}
+    http_method: str
+    http_path: str
+    write: bool
+    request: type[msgspec.Struct]
+    reply: type[msgspec.Struct]
+    handler: Callable[[handlers.Context, Caller, Any], Awaitable[msgspec.Struct]]
+    summary: str
+    success: int = 200
+
+    @property
+    def from_subject(self) -> bool:
+        """True when the request comes from the subject's last two tokens, not the payload."""
+        return self.request is t.TriggerRef
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "create-stream", "create.stream", "POST", "/trigger/stream", True,
+        t.StreamTriggerRequest, t.StreamTriggerReply, handlers.create_stream,
+        "Create a stream trigger", 201,
+    ),
+    Operation(
+        "create-gateway", "create.gateway", "POST", "/trigger/gateway", True,
+        t.GatewayTriggerRequest, t.GatewayTriggerReply, handlers.create_gateway,
+        "Create a gateway trigger", 201,
+    ),
+    Operation(
+        "get", "get.*.*", "GET", "/trigger/triggers/{type}/{name}", False,
+        t.TriggerRef, t.TriggerReply, handlers.get, "Get one trigger",
+    ),
+    Operation(
+        "list", "list", "GET", "/trigger/triggers", False,
+        t.ListQuery, t.ListReply, handlers.list_triggers, "List triggers by subject pattern",
+    ),
+    Operation(
+        "delete", "delete.*.*", "DELETE", "/trigger/triggers/{type}/{name}", True,
+        t.TriggerRef, t.DeleteReply, handlers.delete, "Delete a trigger (poison pill)",
+    ),
+    Operation(
+        "history", "history.*.*", "GET", "/trigger/triggers/{type}/{name}/history", False,
+        t.TriggerRef, t.HistoryReply, handlers.history, "History of one trigger",
+    ),
+)  # fmt: skip
+
+_DECODERS = {op.name: msgspec.json.Decoder(op.request) for op in OPERATIONS}
+
+
+def error_reply(error: ApiError) -> tuple[bytes, dict[str, str]]:
+    """Envelope and micro error headers of an error."""
+    body = _encode(t.ErrorReply(error=error.message, status_code=error.status))
+    return body, {"Nats-Service-Error": error.message, "Nats-Service-Error-Code": str(error.status)}
+
+
+def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
+    """The request Struct of an operation, from the subject tokens or the JSON payload."""
+    try:
+        if op.from_subject:
+            trigger_type, name = subject.rsplit(".", 2)[-2:]
+            return msgspec.convert({"trigger_type": trigger_type, "name": name}, t.TriggerRef)
+        return _DECODERS[op.name].decode(data)  # type: ignore[no-any-return]
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise invalid(exc) from None
+
+
+class Api:
+    """Serves the operation table as one `nats.micro` service."""
+
+    def __init__(self, nc: Client, ctx: handlers.Context, auth: Authenticator) -> None:
+        self._nc = nc
+        self._ctx = ctx
+        self._auth = auth
+        self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.service: Service | None = None
+
+    async def start(self) -> Service:
+        """Register the service and one endpoint per operation."""
+        from service import __version__
+
+        prefix = self._ctx.settings.prefix
+        service = Service(
+            self._nc,
+            ServiceConfig(
+                name=SERVICE_NAME,
+                version=__version__,
+                description="Create, read, list and delete triggers; make them live.",
+                metadata={"bucket": self._ctx.store.bucket, "prefix": prefix},
+            ),
+        )
+        await service.start()
+        for op in OPERATIONS:
+            await service.add_endpoint(
+                EndpointConfig(
+                    name=op.name,
+                    subject=f"{prefix}.{op.subject}",
+                    handler=self._handler(op),
+                    metadata={"http": f"{op.http_method} {op.http_path}", "summary": op.summary},
+                )
+            )
+        self.service = service
+        return service
+
+    def _handler(self, op: Operation) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def on_request(request: MicroRequest) -> None:
+            # micro awaits one handler at a time per endpoint: hand each request to its own
+            # task, and block here (back-pressure) once max_in_flight requests are running.
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(op, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+        return on_request
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _serve(self, op: Operation, request: MicroRequest) -> None:
+        started = time.perf_counter()
+        headers = request.headers or {}
+        status, account = 500, None
+        with structlog.contextvars.bound_contextvars(
+            subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER)
+        ):
+            try:
+                caller = self._auth.authenticate(headers, write=op.write)
+                account = caller.account
+                payload = decode_request(op, request.subject, request.data)
+                reply = await op.handler(self._ctx, caller, payload)
+                status = op.success
+                await request.respond(_encode(reply))
+            except ApiError as error:
+                status = error.status
+                await self._respond_error(request, error)
+            except Exception:
+                _log.exception("request failed")
+                await self._respond_error(request, Internal("unable to process the request"))
+            finally:
+                _log.info(
+                    "request",
+                    operation=op.name,
+                    account=account,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
+
+    async def _respond_error(self, request: MicroRequest, error: ApiError) -> None:
+        body, headers = error_reply(error)
+        try:
+            await request.respond(body, headers=headers)
+        except Exception:  # the requester is gone, or the connection closed: nothing to tell
+            _log.warning("reply not sent", status=error.status)
+
+    async def stop(self) -> None:
+        """Stop taking requests, then wait for the ones in flight to finish."""
+        if self.service is not None:
+            await self.service.stop()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
+

@@ -1,0 +1,90 @@
+"""NATS subject arithmetic: wildcard mapping, overlap and cycles between routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def tokens(subject: str) -> list[str]:
+    """The dot-separated tokens of a subject."""
+    return subject.split(".")
+
+
+def wildcards(subject: str) -> list[str]:
+    """The wildcard tokens of a subject, in order."""
+    return [t for t in tokens(subject) if t in ("*", ">")]
+
+
+def is_literal(subject: str) -> bool:
+    """True when the subject has no wildcard token."""
+    return not wildcards(subject)
+
+
+def overlap(a: str, b: str) -> bool:
+    """True when some concrete subject matches both patterns."""
+    ta, tb = tokens(a), tokens(b)
+    for x, y in zip(ta, tb, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(ta) == len(tb)
+
+
+def matches(subject: str, pattern: str) -> bool:
+    """True when the concrete `subject` matches `pattern`."""
+    ts, tp = tokens(subject), tokens(pattern)
+    for i, p in enumerate(tp):
+        if p == ">":
+            return len(ts) > i
+        if i >= len(ts) or (p != "*" and p != ts[i]):
+            return False
+    return len(ts) == len(tp)
+
+
+def translate(subject: str, source: str, destination: str) -> str:
+    """Map a concrete subject matching `source` onto `destination`, wildcard by wildcard.
+
+    The i-th `*` of the source fills the i-th `*` of the destination; a trailing `>` carries the
+    remaining tokens.
+    """
+    if is_literal(destination):
+        return destination
+    ts, tsrc = tokens(subject), tokens(source)
+    captured: list[str] = []
+    rest: list[str] = []
+    for i, p in enumerate(tsrc):
+        if p == "*":
+            captured.append(ts[i])
+        elif p == ">":
+            rest = ts[i:]
+    out: list[str] = []
+    it = iter(captured)
+    for p in tokens(destination):
+        if p == "*":
+            out.append(next(it))
+        elif p == ">":
+            out.extend(rest)
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def closes_cycle(source: str, destination: str, routes: Iterable[tuple[str, str]]) -> bool:
+    """True when a route source -> destination would let a message come back to `source`.
+
+    `routes` are the existing (source, destination) pairs in the same subject space. A message
+    delivered on `destination` is picked up by every route whose source overlaps it, and so on.
+    """
+    pending = [destination]
+    seen: set[str] = set()
+    edges = list(routes)
+    while pending:
+        here = pending.pop()
+        if overlap(here, source):
+            return True
+        if here in seen:
+            continue
+        seen.add(here)
+        pending.extend(d for s, d in edges if overlap(here, s))
+    return False

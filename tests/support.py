@@ -1,0 +1,107 @@
+"""Helpers shared by the tests: tokens, requests, polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client
+
+from service.auth import mint
+
+SECRET = "test-secret-of-the-suite-32-bytes-long!"
+PREFIX = "ms.trigger"
+T = TypeVar("T")
+
+
+def token(account: str = "acme", **claims: Any) -> str:
+    """A valid HS256 bearer token for `account`."""
+    return mint(SECRET, account, **claims)
+
+
+def auth(account: str = "acme", **claims: Any) -> dict[str, str]:
+    """NATS headers carrying a bearer token."""
+    return {"Authorization": f"Bearer {token(account, **claims)}"}
+
+
+def unique(prefix: str = "t") -> str:
+    """A fresh name, so tests never see each other's data."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Reply(msgspec.Struct):
+    """A decoded reply: the envelope and the NATS headers."""
+
+    envelope: dict[str, Any]
+    headers: dict[str, str]
+
+    @property
+    def status(self) -> int:
+        return int(self.envelope["status_code"])
+
+    @property
+    def body(self) -> Any:
+        return self.envelope.get("body")
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    payload: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    account: str | None = "acme",
+    timeout: float = 5.0,
+) -> Reply:
+    """Send a request to the service and decode its envelope."""
+    hdrs = dict(auth(account)) if account is not None else {}
+    hdrs.update(headers or {})
+    if payload is None:
+        data = b""
+    elif isinstance(payload, bytes):
+        data = payload
+    else:
+        data = msgspec.json.encode(payload)
+    msg = await nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+    return Reply(msgspec.json.decode(msg.data), dict(msg.headers or {}))
+
+
+def stream_request(name: str, source: str, target: str, **extra: Any) -> dict[str, Any]:
+    """A create-stream body."""
+    body: dict[str, Any] = {
+        "name": name,
+        "trigger_type": "stream",
+        "source": {"subject": source, "type": "stream"},
+        "target": {"subject": target, "type": "stream"},
+    }
+    body.update(extra)
+    return body
+
+
+def gateway_request(name: str, method: str, path: str, **mapping: Any) -> dict[str, Any]:
+    """A create-gateway body."""
+    return {
+        "name": name,
+        "trigger_type": "gateway",
+        "gateway_mapping": {"method": method, "path": path, **mapping},
+    }
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T] | T], *, timeout: float = 5.0, interval: float = 0.01
+) -> T:
+    """Poll `check` until it returns a truthy value, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
