@@ -1,0 +1,1 @@
+"""Accounts mode: stream triggers as real NATS account exports and imports."""
