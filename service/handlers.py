@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import hashlib
+import re
 from nats.nuid import NUID
 
 from schemas.triggers import (
@@ -237,11 +238,18 @@ def _encode_cursor(subject_key: str) -> str:
     return base64.urlsafe_b64encode(subject_key.encode()).decode().rstrip("=")
 
 
+_CURSOR = re.compile(r"^(?:gateway|stream|subject)\.[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
 def _decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        padded = cursor + "=" * (-len(cursor) % 4)
+        after = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequest("`cursor` is not a cursor this service returned - at `$.cursor`") from None
+        after = ""
+    if not _CURSOR.match(after):
+        raise BadRequest("`cursor` is not a cursor this service returned - at `$.cursor`")
+    return after
 
 
 async def history(ctx: Context, caller: Caller, ref: TriggerRef) -> HistoryReply:

@@ -21,9 +21,12 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from schemas.triggers import Trigger
+from service import log
 from service.errors import Conflict, NotFound, Unavailable
 
 HISTORY = 64
+_log = log.get("store")
+_STREAM_NOT_FOUND = 10059
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(Trigger).decode
 T = TypeVar("T")
@@ -77,6 +80,13 @@ async def _guard(call: Awaitable[T]) -> T:
         raise Unavailable("not connected to NATS") from None
     except nats.js.errors.ServiceUnavailableError:
         raise Unavailable("JetStream is unavailable") from None
+    except nats.js.errors.NotFoundError as exc:
+        # nats-py reports a missing key as KeyNotFoundError raised while handling the server's
+        # NotFoundError; only "stream not found" means the bucket itself is gone.
+        cause = exc.__context__ if isinstance(exc, nats.js.errors.KeyNotFoundError) else exc
+        if getattr(cause, "err_code", None) == _STREAM_NOT_FOUND:
+            raise Unavailable("the trigger bucket does not exist") from None
+        raise
 
 
 class TriggerStore:
@@ -132,7 +142,8 @@ class TriggerStore:
                 return await _guard(self.kv.update(key, data, last=entry.revision))
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
-        raise Conflict(f"a trigger named {record.name!r} of type {record.trigger_type!r} already exists")
+        _, trigger_type, name = split_key(key)
+        raise Conflict(f"a {trigger_type} trigger named {name!r} already exists")
 
     async def claim(self, claim_key: str, owner: str, holds: Callable[[Trigger], bool]) -> bool:
         """Make `owner` the holder of `claim_key`; False when a live record still `holds` it.
@@ -239,8 +250,9 @@ def _change(entry: Any) -> Change:
     if entry.operation is None and entry.value:
         try:
             decoded = _decode_record(entry.value)
-        except msgspec.ValidationError:
-            decoded = None  # not a record this release understands: treat as not live
+        except msgspec.DecodeError:  # corrupt, or not a record this release understands
+            _log.warning("skipping an undecodable record", key=entry.key, revision=entry.revision)
+            decoded = None
         if decoded is not None and decoded.type != "deleted":
             record = decoded
     return Change(entry.key, entry.revision, record)

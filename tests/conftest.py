@@ -61,4 +61,4 @@ async def service(settings: config.Settings) -> AsyncIterator[Api]:
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_logs() -> None:
     """Only warnings and errors from the service while tests run."""
-    log.configure("warning", "console")
+    log.configure("warning", "json")
