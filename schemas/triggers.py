@@ -271,7 +271,6 @@ class HistoryBody(Base):
     results_total: int
 
 
-
 class StreamTriggerReply(Reply):
     """201 reply of `create.stream`."""
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import hashlib
-import re
 from nats.nuid import NUID
 
 from schemas.triggers import (
@@ -200,9 +200,7 @@ async def list_triggers(ctx: Context, caller: Caller, query: ListQuery) -> ListR
     """The caller's live triggers whose subjects match a pattern, ordered by subject."""
     key_filter = _key_filter(ctx.settings.prefix, caller.account, query.subject_pattern)
     after = _decode_cursor(query.cursor) if query.cursor else None
-    found = sorted(
-        (_subject_key(key), record) for key, record in await ctx.store.live(key_filter)
-    )
+    found = sorted((_subject_key(key), record) for key, record in await ctx.store.live(key_filter))
     remaining = [(k, r) for k, r in found if after is None or k > after]
     page = remaining[: query.limit]
     next_cursor = _encode_cursor(page[-1][0]) if len(remaining) > len(page) else None

@@ -68,7 +68,8 @@ class NatsServer:
         ready = threading.Event()
 
         def pump() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
+            assert self.proc is not None
+            assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.log.append(line.rstrip())
                 if m := _CLIENT_PORT.search(line):

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import structlog
 from nats.aio.client import Client
-from nats.micro import Request as MicroRequest
+from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 from schemas import triggers as t
@@ -96,7 +96,7 @@ def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
         if op.from_subject:
             trigger_type, name = subject.rsplit(".", 2)[-2:]
             return msgspec.convert({"trigger_type": trigger_type, "name": name}, t.TriggerRef)
-        return _DECODERS[op.name].decode(data)  # type: ignore[no-any-return]
+        return _DECODERS[op.name].decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise invalid(exc) from None
 
@@ -196,4 +196,3 @@ class Api:
             await self.service.stop()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=30)
-

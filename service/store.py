@@ -8,7 +8,6 @@ overwrite each other. A delete is a poison pill: a new revision whose record has
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -48,8 +47,8 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _rfc3339(moment: datetime | None) -> str:
-    if moment is None:
+def _rfc3339(moment: object) -> str:
+    if not isinstance(moment, datetime):  # nats-py types it as int, but watch entries carry a datetime
         return now_rfc3339()
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -74,7 +73,7 @@ async def _guard(call: Awaitable[T]) -> T:
     """Translate an unreachable or failing JetStream into a 503."""
     try:
         return await call
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError):
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
         raise Unavailable("the trigger store (JetStream KV) did not answer") from None
     except nats.errors.ConnectionClosedError:
         raise Unavailable("not connected to NATS") from None
@@ -124,7 +123,7 @@ class TriggerStore:
         record = _decode_record(entry.value or b"")
         if record.type == "deleted":
             raise NotFound("no such trigger")
-        return record, entry.revision
+        return record, int(entry.revision or 0)
 
     async def create(self, key: str, record: Trigger) -> int:
         """Store a new trigger unless a live one holds the key (Conflict)."""
@@ -204,7 +203,7 @@ class TriggerStore:
         except nats.js.errors.NoKeysError:
             raise NotFound("no such trigger") from None
         revisions = [
-            Revision(entry.revision, _rfc3339(entry.created), _decode_record(entry.value))
+            Revision(int(entry.revision or 0), _rfc3339(entry.created), _decode_record(entry.value))
             for entry in entries
             if entry.value and entry.operation is None
         ]
@@ -232,7 +231,7 @@ class TriggerStore:
         watcher = await _guard(self.kv.watch(key_pattern))
         try:
             while True:
-                entry: Any = await watcher.updates(timeout=None)
+                entry: Any = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
                 if entry is None:  # the initial values have all been delivered
                     if on_ready is not None:
                         await on_ready()
@@ -242,7 +241,7 @@ class TriggerStore:
                 yield _change(entry)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 def _change(entry: Any) -> Change:

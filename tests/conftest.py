@@ -57,7 +57,6 @@ async def service(settings: config.Settings) -> AsyncIterator[Api]:
         yield api
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_logs() -> None:
     """Only warnings and errors from the service while tests run."""

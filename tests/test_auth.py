@@ -43,8 +43,12 @@ BAD_CREDENTIALS = [
         id="expired",
     ),
     pytest.param(bearer("Bearer " + jwt.encode({"sub": "x"}, SECRET, "HS256")), "invalid", id="no-account"),
-    pytest.param(bearer("Bearer " + jwt.encode({"account": "a.b"}, SECRET, "HS256")), "account", id="bad-account"),
-    pytest.param(bearer("Bearer " + jwt.encode({"account": "acme"}, SECRET * 2, "HS512")), "invalid", id="wrong-alg"),
+    pytest.param(
+        bearer("Bearer " + jwt.encode({"account": "a.b"}, SECRET, "HS256")), "account", id="bad-account"
+    ),
+    pytest.param(
+        bearer("Bearer " + jwt.encode({"account": "acme"}, SECRET * 2, "HS512")), "invalid", id="wrong-alg"
+    ),
 ]
 
 
@@ -71,9 +75,13 @@ async def test_read_only_token_reads_but_cannot_write(nc):
     assert (await request(nc, "ms.trigger.create.stream", stream_request(name, "r.a", "r.b"))).status == 201
     reader = {"Authorization": f"Bearer {token('acme', scope='triggers:read')}"}
     assert (await request(nc, f"ms.trigger.get.stream.{name}", headers=reader)).status == 200
-    assert (await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"}, headers=reader)).status == 200
+    assert (
+        await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"}, headers=reader)
+    ).status == 200
     assert (await request(nc, f"ms.trigger.history.stream.{name}", headers=reader)).status == 200
-    denied = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "r.c", "r.d"), headers=reader)
+    denied = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "r.c", "r.d"), headers=reader
+    )
     assert denied.status == 401
     assert "triggers:write" in denied.envelope["error"]
     assert (await request(nc, f"ms.trigger.delete.stream.{name}", headers=reader)).status == 401
@@ -85,7 +93,9 @@ async def test_write_scope_reads_too_and_other_scopes_do_nothing(nc):
     writer = {"Authorization": f"Bearer {token('acme', scope='profile triggers:write')}"}
     stranger = {"Authorization": f"Bearer {token('acme', scope='profile')}"}
     name = unique()
-    assert (await request(nc, "ms.trigger.create.stream", stream_request(name, "w.a", "w.b"), headers=writer)).status == 201
+    assert (
+        await request(nc, "ms.trigger.create.stream", stream_request(name, "w.a", "w.b"), headers=writer)
+    ).status == 201
     assert (await request(nc, f"ms.trigger.get.stream.{name}", headers=writer)).status == 200
     assert (await request(nc, f"ms.trigger.get.stream.{name}", headers=stranger)).status == 401
 
@@ -96,14 +106,26 @@ async def test_public_key_tokens_are_verified(nats_server, nc, tmp_path):
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (tmp_path / "key.pem").write_bytes(pem)
-    settings = make_settings(nats_server.url, TRIGGER_JWT_SECRET="", TRIGGER_JWT_PUBLIC_KEY=tmp_path / "key.pem")
+    settings = make_settings(
+        nats_server.url, TRIGGER_JWT_SECRET="", TRIGGER_JWT_PUBLIC_KEY=tmp_path / "key.pem"
+    )
     signed = jwt.encode({"account": "acme", "exp": int(time.time()) + 60}, private, algorithm="EdDSA")
     forged = jwt.encode({"account": "acme"}, Ed25519PrivateKey.generate(), algorithm="EdDSA")
     async with running(settings):
-        ok = await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"},
-                           headers=bearer(f"Bearer {signed}"), account=None)
-        bad = await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"},
-                            headers=bearer(f"Bearer {forged}"), account=None)
+        ok = await request(
+            nc,
+            "ms.trigger.list",
+            {"subject_pattern": "ms.trigger.>"},
+            headers=bearer(f"Bearer {signed}"),
+            account=None,
+        )
+        bad = await request(
+            nc,
+            "ms.trigger.list",
+            {"subject_pattern": "ms.trigger.>"},
+            headers=bearer(f"Bearer {forged}"),
+            account=None,
+        )
         hs = await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"})
     assert (ok.status, bad.status, hs.status) == (200, 401, 401)
 
@@ -112,7 +134,9 @@ async def test_development_switch_makes_every_caller_the_default_account(nats_se
     settings = make_settings(nats_server.url, TRIGGER_JWT_SECRET="", TRIGGER_AUTH="none")
     name = unique()
     async with running(settings):
-        created = await request(nc, "ms.trigger.create.stream", stream_request(name, "dev.a", "dev.b"), account=None)
+        created = await request(
+            nc, "ms.trigger.create.stream", stream_request(name, "dev.a", "dev.b"), account=None
+        )
         got = await request(nc, f"ms.trigger.get.stream.{name}", account="ignored")
     assert (created.status, got.status) == (201, 200)
     kv = await nc.jetstream().key_value(settings.bucket)

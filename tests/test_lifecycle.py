@@ -48,7 +48,8 @@ async def test_two_replicas_share_the_load_through_the_queue_group(nats_server, 
             *(request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"}) for _ in range(60))
         )
         counts = [
-            next(e for e in api.service.stats().endpoints if e.name == "list").num_requests for api in (one, two)
+            next(e for e in api.service.stats().endpoints if e.name == "list").num_requests
+            for api in (one, two)
         ]
     assert sum(counts) == 60
     assert all(c > 0 for c in counts)
@@ -58,8 +59,10 @@ async def test_many_requests_in_flight_are_all_answered(nc, settings):
     async with running(settings):
         names = [unique() for _ in range(300)]
         replies = await asyncio.gather(
-            *(request(nc, "ms.trigger.create.stream", stream_request(n, f"f.{i}", f"g.{i}"))
-              for i, n in enumerate(names))
+            *(
+                request(nc, "ms.trigger.create.stream", stream_request(n, f"f.{i}", f"g.{i}"))
+                for i, n in enumerate(names)
+            )
         )
     assert {r.status for r in replies} == {201}
 
@@ -134,7 +137,9 @@ async def test_records_survive_a_restart_untouched_and_sigterm_exits_0(nats_serv
         await wait_ready(nc, bucket)
         names = [unique() for _ in range(5)]
         for i, name in enumerate(names):
-            assert (await request(nc, "ms.trigger.create.stream", stream_request(name, f"p.{i}", f"q.{i}"))).status == 201
+            assert (
+                await request(nc, "ms.trigger.create.stream", stream_request(name, f"p.{i}", f"q.{i}"))
+            ).status == 201
         await request(nc, f"ms.trigger.delete.stream.{names[0]}")
         kv = await nc.jetstream().key_value(bucket)
         before = (await nc.jetstream().stream_info(f"KV_{bucket}")).state

@@ -83,7 +83,8 @@ async def test_create_gateway_fills_defaults_and_assigns_a_unique_mapping_subjec
     assert len(subjects) == 2
     assert all(re.match(r"^ms\.trigger\.gateway\.[A-Za-z0-9]+$", s) for s in subjects)
     assert a.body["subject"] == f"ms.trigger.gateway.{first}"
-    assert a.body["trigger_type"] == "gateway" and a.body["type"] == "created"
+    assert a.body["trigger_type"] == "gateway"
+    assert a.body["type"] == "created"
     record, _ = await stored(nc, settings, f"acme.gateway.{second}")
     assert record == b.body
 
@@ -124,7 +125,7 @@ async def test_fifty_concurrent_creates_of_one_name_give_one_201(nc, settings):
     statuses = sorted(r.status for r in replies)
     assert statuses == [201] + [409] * 49
     winner = next(r for r in replies if r.status == 201)
-    record, revision = await stored(nc, settings, f"acme.stream.{name}")
+    record, _ = await stored(nc, settings, f"acme.stream.{name}")
     assert record == winner.body
     kv = await nc.jetstream().key_value(settings.bucket)
     assert len(await kv.history(f"acme.stream.{name}")) == 1
@@ -145,7 +146,9 @@ async def test_gateway_route_is_free_again_after_delete(nc):
     name, path = unique(), f"/{unique()}"
     assert (await request(nc, "ms.trigger.create.gateway", gateway_request(name, "PUT", path))).status == 201
     assert (await request(nc, f"ms.trigger.delete.gateway.{name}")).status == 200
-    taken = await request(nc, "ms.trigger.create.gateway", gateway_request(unique(), "PUT", path), account="b")
+    taken = await request(
+        nc, "ms.trigger.create.gateway", gateway_request(unique(), "PUT", path), account="b"
+    )
     assert taken.status == 201
 
 
@@ -206,10 +209,14 @@ async def test_same_name_in_two_accounts_is_two_triggers(nc):
 async def make_some(nc, account):
     names = sorted(unique() for _ in range(3))
     for i, name in enumerate(names):
-        await request(nc, "ms.trigger.create.stream", stream_request(name, f"l.{i}", f"m.{i}"), account=account)
+        await request(
+            nc, "ms.trigger.create.stream", stream_request(name, f"l.{i}", f"m.{i}"), account=account
+        )
     gateways = sorted(unique() for _ in range(2))
     for name in gateways:
-        await request(nc, "ms.trigger.create.gateway", gateway_request(name, "GET", f"/{name}"), account=account)
+        await request(
+            nc, "ms.trigger.create.gateway", gateway_request(name, "GET", f"/{name}"), account=account
+        )
     return names, gateways
 
 
@@ -220,7 +227,9 @@ async def test_list_everything_ordered_by_subject(nc, pattern):
     reply = await request(nc, "ms.trigger.list", {"subject_pattern": pattern}, account=account)
     assert reply.status == 200
     subjects = [r["subject"] for r in reply.body["results"]]
-    expected = sorted([f"ms.trigger.gateway.{n}" for n in gateways] + [f"ms.trigger.stream.{n}" for n in streams])
+    expected = sorted(
+        [f"ms.trigger.gateway.{n}" for n in gateways] + [f"ms.trigger.stream.{n}" for n in streams]
+    )
     assert subjects == expected
     assert reply.body["results_total"] == 5
     assert "next_cursor" not in reply.body
@@ -230,7 +239,9 @@ async def test_list_everything_ordered_by_subject(nc, pattern):
 async def test_list_by_type_and_by_name(nc):
     account = unique("acct")
     streams, gateways = await make_some(nc, account)
-    by_type = await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.gateway.*"}, account=account)
+    by_type = await request(
+        nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.gateway.*"}, account=account
+    )
     assert [r["name"] for r in by_type.body["results"]] == gateways
     by_name = await request(
         nc, "ms.trigger.list", {"subject_pattern": f"ms.trigger.*.{streams[1]}"}, account=account
@@ -311,7 +322,8 @@ async def test_recreate_after_delete_and_history_keeps_both(nc):
     assert [r["type"] for r in results] == ["created", "deleted", "created"]
     assert history.body["results_total"] == 3
     revisions = [r["revision"] for r in results]
-    assert revisions == sorted(revisions) and len(set(revisions)) == 3
+    assert revisions == sorted(revisions)
+    assert len(set(revisions)) == 3
     assert results[0]["record"] == first.body
     assert results[2]["record"] == second.body
     for r in results:

@@ -51,16 +51,22 @@ STREAM_CASES = [
     pytest.param(b"not json", ["JSON"], id="not-json"),
     pytest.param(b"[1, 2]", ["object"], id="array"),
     pytest.param(b"", ["JSON"], id="empty"),
-    pytest.param({"trigger_type": "stream", "source": {"subject": "a"}, "target": {}}, ["name"], id="no-name"),
+    pytest.param(
+        {"trigger_type": "stream", "source": {"subject": "a"}, "target": {}}, ["name"], id="no-name"
+    ),
     pytest.param(stream_request("a.b", "a", "b"), ["$.name", "A-Z"], id="name-dot"),
     pytest.param(stream_request("a*", "a", "b"), ["$.name"], id="name-star"),
     pytest.param(stream_request(">", "a", "b"), ["$.name"], id="name-gt"),
     pytest.param(stream_request("a b", "a", "b"), ["$.name"], id="name-space"),
     pytest.param(stream_request("", "a", "b"), ["$.name"], id="name-empty"),
-    pytest.param(stream_request("-a", "a", "b"), ["$.name", "starting with a letter or digit"], id="name-dash"),
+    pytest.param(
+        stream_request("-a", "a", "b"), ["$.name", "starting with a letter or digit"], id="name-dash"
+    ),
     pytest.param(stream_request("a" * 129, "a", "b"), ["$.name"], id="name-too-long"),
     pytest.param(stream_request(123, "a", "b"), ["$.name", "str"], id="name-type"),
-    pytest.param({**stream_request("n", "a", "b"), "trigger_type": "gateway"}, ["$.trigger_type"], id="wrong-type"),
+    pytest.param(
+        {**stream_request("n", "a", "b"), "trigger_type": "gateway"}, ["$.trigger_type"], id="wrong-type"
+    ),
     pytest.param({**stream_request("n", "a", "b"), "trigger_typ": "x"}, ["trigger_typ"], id="typo-field"),
     pytest.param(stream_request("n", "a..b", "c"), ["$.source.subject", "NATS subject"], id="empty-token"),
     pytest.param(stream_request("n", "a b", "c"), ["$.source.subject"], id="space"),
@@ -120,13 +126,19 @@ GATEWAY_CASES = [
     pytest.param(with_mapping(path="/docs"), ["reserved"], id="reserved-docs"),
     pytest.param(with_mapping(path="/metrics"), ["reserved"], id="reserved-metrics"),
     pytest.param(with_mapping(limit={"request": 1}), ["time"], id="limit-no-time"),
-    pytest.param(with_mapping(limit={"request": 0, "time": 10}), ["$.gateway_mapping.limit.request"], id="limit-0"),
-    pytest.param(with_mapping(limit={"request": 1, "time": 0}), ["$.gateway_mapping.limit.time"], id="time-0"),
+    pytest.param(
+        with_mapping(limit={"request": 0, "time": 10}), ["$.gateway_mapping.limit.request"], id="limit-0"
+    ),
+    pytest.param(
+        with_mapping(limit={"request": 1, "time": 0}), ["$.gateway_mapping.limit.time"], id="time-0"
+    ),
     pytest.param(with_mapping(timeout=0), ["$.gateway_mapping.timeout", ">= 1"], id="timeout-0"),
     pytest.param(with_mapping(timeout=300_001), ["$.gateway_mapping.timeout", "<= 300000"], id="timeout-max"),
     pytest.param(with_mapping(is_public="no"), ["$.gateway_mapping.is_public"], id="public-type"),
     pytest.param(with_mapping(traffic_distribution={"1": 90, "2": 5}), ["sum to 100"], id="split-sum"),
-    pytest.param(with_mapping(traffic_distribution={"a.b": 100}), ["traffic_distribution"], id="split-version"),
+    pytest.param(
+        with_mapping(traffic_distribution={"a.b": 100}), ["traffic_distribution"], id="split-version"
+    ),
     pytest.param(with_mapping(traffic_distribution={"1": 101}), ["<= 100"], id="split-range"),
     pytest.param(with_mapping(traffic_distribution={}), ["traffic_distribution"], id="split-empty"),
     pytest.param({"name": "g", "trigger_type": "gateway"}, ["gateway_mapping"], id="no-mapping"),
@@ -181,14 +193,24 @@ async def test_a_rejected_request_leaves_an_existing_trigger_alone(nc, settings)
 
 async def test_a_cycle_across_triggers_is_refused_in_both_orders(nc, settings):
     account = unique("acct")
-    first = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "cy.a", "cy.b"), account=account)
+    first = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "cy.a", "cy.b"), account=account
+    )
     assert first.status == 201
-    back = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "cy.b", "cy.a"), account=account)
+    back = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "cy.b", "cy.a"), account=account
+    )
     assert back.status == 400
     assert "cycle" in back.envelope["error"]
-    chain = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "cy.b", "cy.c"), account=account)
+    chain = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "cy.b", "cy.c"), account=account
+    )
     assert chain.status == 201
-    closing = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "cy.*", "cy2.*"), account=account)
+    closing = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "cy.*", "cy2.*"), account=account
+    )
     assert closing.status == 201
-    wild = await request(nc, "ms.trigger.create.stream", stream_request(unique(), "cy2.*", "cy.*"), account=account)
+    wild = await request(
+        nc, "ms.trigger.create.stream", stream_request(unique(), "cy2.*", "cy.*"), account=account
+    )
     assert wild.status == 400
