@@ -1,14 +1,123 @@
-"""Gateway triggers: the sidecar's dynamic HTTP routes, reconciled from the bucket (stub)."""
+"""Gateway triggers: the sidecar's dynamic HTTP routes, followed from the bucket, forwarded over NATS.
+
+Each live gateway trigger is one `Route`, keyed by (method, path). An HTTP request on it becomes
+a NATS request to the trigger's mapping subject: the body is the payload, the method, path and
+raw query string travel as `Http-*` headers next to the request's own end-to-end headers, and
+the reply becomes the HTTP response.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
+import random
+import time
 from types import TracebackType
 
+import msgspec
+import nats.errors
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from nats.aio.client import Client
 
+from schemas.triggers import ErrorReply, GatewayTrigger
+from service import log
+from service.auth import DEFAULT_ACCOUNT, Authenticator, bearer_token
 from service.config import Settings
-from service.store import TriggerStore
+from service.errors import (
+    ApiError,
+    BadRequest,
+    GatewayTimeout,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from service.gateway.ratelimit import SlidingWindow
+from service.store import Change, TriggerStore
+
+KEY_PATTERN = "*.gateway.*"
+# Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), and the headers the gateway
+# sets itself, so that a caller cannot forge them.
+_DROPPED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "http-method",
+        "http-path",
+        "http-query",
+        "trigger-account",
+    }
+)
+_JSON_OBJECT_START = frozenset(b"{ \t\r\n")
+_RESERVED_HEADERS_CHARS = 200  # the Http-* and Trigger-Account headers, without path and query
+_NATS_HEADER_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
+
+_log = log.get("gateway")
+_encode = msgspec.json.Encoder().encode
+
+
+class _Envelope(msgspec.Struct):
+    """The one field of the platform's reply envelope that the gateway reads."""
+
+    status_code: int | None = None
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+class Route:
+    """One live gateway trigger, with everything the hot path needs computed once."""
+
+    __slots__ = (
+        "is_public",
+        "key",
+        "limiter",
+        "method",
+        "path",
+        "revision",
+        "subject",
+        "subjects",
+        "timeout",
+    )
+
+    def __init__(self, key: str, revision: int, trigger: GatewayTrigger) -> None:
+        mapping = trigger.gateway_mapping
+        self.key = key
+        self.revision = revision
+        self.method = mapping.method
+        self.path = mapping.path
+        self.is_public = mapping.is_public
+        self.timeout = mapping.timeout / 1000
+        self.subject = trigger.gateway_mapping_subject
+        # One entry per percentage point, so picking a version by weight is one index.
+        self.subjects: tuple[str, ...] | None = None
+        if mapping.traffic_distribution:
+            table = tuple(
+                f"{self.subject}.{version}"
+                for version, percent in mapping.traffic_distribution.items()
+                for _ in range(percent)
+            )
+            self.subjects = table or None
+        self.limiter: SlidingWindow | None = None
+        if mapping.limit is not None:
+            self.limiter = SlidingWindow(mapping.limit.request, mapping.limit.time / 1000)
+
+    def pick_subject(self) -> str:
+        """The subject of the next request: the mapping subject, or a version chosen by weight."""
+        table = self.subjects
+        if table is None:
+            return self.subject
+        return table[int(random.random() * len(table))]
 
 
 class GatewayRoutes:
@@ -18,16 +127,269 @@ class GatewayRoutes:
         self._settings = settings
         self._nc = nc
         self._store = store
+        self._auth = Authenticator(settings)
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._by_key: dict[str, Route] = {}
+        self._methods: dict[str, set[str]] = {}  # path -> methods served, for 405 and `Allow`
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._routes)
 
     async def __aenter__(self) -> GatewayRoutes:
         """Load every live gateway trigger, then follow the bucket's changes."""
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._follow(ready), name="gateway-routes")
+        try:
+            await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await self._stop()
+            raise
+        if not ready.done():  # the follower ended before the first snapshot was loaded
+            ready.cancel()
+            await self._stop()
+            raise Unavailable("could not load the gateway triggers from the bucket")
+        failure = ready.exception()
+        if failure is not None:
+            await self._stop()
+            raise failure
+        _log.info("routes loaded", routes=len(self._routes), bucket=self._store.bucket)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Stop following the bucket."""
+        await self._stop()
+
+    async def _stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- following the bucket ----------------------------------------------------------------
+
+    async def _follow(self, ready: asyncio.Future[None]) -> None:
+        """Follow the bucket for good; a failed watch is restarted from a fresh snapshot."""
+        delay = 0.1
+        while True:
+            try:
+                await self._follow_once(ready)
+            except Exception as exc:  # the watch broke: NATS or JetStream went away
+                if not ready.done():
+                    ready.set_exception(exc)
+                    return
+                _log.warning("bucket watch failed; restarting", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _follow_once(self, ready: asyncio.Future[None]) -> None:
+        seen: set[str] | None = set()
+
+        async def snapshot_loaded() -> None:
+            nonlocal seen
+            # A restarted watch replaces the table: keys missing from the new snapshot are gone.
+            for key in [key for key in self._by_key if seen is not None and key not in seen]:
+                self._remove(key)
+            seen = None
+            if not ready.done():
+                ready.set_result(None)
+
+        async for change in self._store.follow(KEY_PATTERN, on_ready=snapshot_loaded):
+            if seen is not None:
+                seen.add(change.key)
+            self._apply(change)
+
+    def _apply(self, change: Change) -> None:
+        record = change.record
+        if not isinstance(record, GatewayTrigger):
+            self._remove(change.key)
+            return
+        current = self._by_key.get(change.key)
+        if current is not None and current.revision == change.revision:
+            return  # the same revision again (a restarted watch): keep its rate-limit state
+        self._remove(change.key)
+        route = Route(change.key, change.revision, record)
+        self._by_key[route.key] = route
+        self._routes[route.method, route.path] = route
+        self._methods.setdefault(route.path, set()).add(route.method)
+        _log.debug("route added", key=route.key, method=route.method, path=route.path)
+
+    def _remove(self, key: str) -> None:
+        route = self._by_key.pop(key, None)
+        if route is None:
+            return
+        if self._routes.get((route.method, route.path)) is route:
+            del self._routes[route.method, route.path]
+            methods = self._methods.get(route.path)
+            if methods is not None:
+                methods.discard(route.method)
+                if not methods:
+                    del self._methods[route.path]
+        _log.debug("route removed", key=key, method=route.method, path=route.path)
+
+    # --- serving -----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one HTTP request on a gateway trigger's route, or 404."""
-        return web.json_response({"error": "Not found: no such route", "status_code": 404}, status=404)
+        method = request.method
+        route = self._routes.get((method, request.path))
+        if route is None:
+            # A route whose path holds percent-escapes matches the path exactly as sent.
+            route = self._routes.get((method, request.rel_url.raw_path))
+            if route is None:
+                return self._no_route(request)
+
+        headers = request.headers
+        account: str | None = None
+        if self._auth.enabled:
+            token = bearer_token(headers)
+            if token is not None:
+                try:
+                    account = self._auth.verify(token).account
+                except Unauthorized as exc:
+                    if not route.is_public:
+                        return _error(exc, _CHALLENGE)
+            elif not route.is_public:
+                return _error(Unauthorized("missing bearer token (Authorization: Bearer <jwt>)"), _CHALLENGE)
+        else:
+            account = DEFAULT_ACCOUNT
+
+        limiter = route.limiter
+        if limiter is not None:
+            wait = limiter.acquire(time.monotonic())
+            if wait:
+                retry_after = str(max(1, math.ceil(wait)))
+                return _error(
+                    TooManyRequests(f"rate limit of {method} {route.path} reached; retry in {retry_after} s"),
+                    {"Retry-After": retry_after},
+                )
+
+        max_payload = self._nc.max_payload
+        length = request.content_length
+        if length is not None and length > max_payload:
+            return _too_large(max_payload)
+        body = await _read_body(request, max_payload) if request.body_exists else b""
+        if body is None:
+            return _too_large(max_payload)
+
+        forwarded = _forwarded_headers(headers)
+        if forwarded is None:
+            return _error(BadRequest("header values must be UTF-8 to travel over NATS"))
+        out, chars = forwarded
+        query = request.rel_url.raw_query_string
+        out["Http-Method"] = method
+        out["Http-Path"] = route.path
+        out["Http-Query"] = query
+        if account is not None:
+            out["Trigger-Account"] = account
+        # Headers count against the max payload too, and the server drops the connection of a
+        # client that sends more, so measure them exactly whenever a bound says they might not fit.
+        chars += _RESERVED_HEADERS_CHARS + len(route.path) + len(query)
+        if len(body) + 4 * chars > max_payload and len(body) + _header_size(out) > max_payload:
+            return _too_large(max_payload)
+
+        try:
+            reply = await self._nc.request(route.pick_subject(), body, timeout=route.timeout, headers=out)
+        except nats.errors.NoRespondersError:
+            return _error(Unavailable(f"no responder for {method} {route.path}"))
+        except nats.errors.TimeoutError:
+            return _error(GatewayTimeout(f"no reply for {method} {route.path} within {route.timeout:g} s"))
+        except nats.errors.MaxPayloadError:
+            return _too_large(max_payload)
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+            nats.errors.OutboundBufferLimitError,
+        ):
+            return _error(Unavailable("not connected to NATS"))
+        return _response(reply.data, reply.headers)
+
+    def _no_route(self, request: web.Request) -> web.Response:
+        methods = self._methods.get(request.path) or self._methods.get(request.rel_url.raw_path)
+        if methods:
+            allow = ", ".join(sorted(methods))
+            return _error(MethodNotAllowed(f"{request.path} accepts {allow}"), {"Allow": allow})
+        return _error(NotFound(f"no gateway route for {request.method} {request.path}"))
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def _forwarded_headers(headers: CIMultiDictProxy[str]) -> tuple[dict[str, str], int] | None:
+    """The request's end-to-end headers and their length in characters; None when one is not UTF-8.
+
+    Repeated headers are joined with ', ' (RFC 9110 section 5.3).
+    """
+    dropped = _DROPPED
+    connection = headers.get("Connection")
+    if connection:
+        dropped = dropped | {token.strip().lower() for token in connection.split(",")}
+    out: dict[str, str] = {}
+    chars = 0
+    for name, value in headers.items():
+        if name.lower() in dropped:
+            continue
+        if not value.isascii() and not _is_utf8(value):
+            return None
+        chars += len(name) + len(value) + 6
+        previous = out.get(name)
+        out[name] = value if previous is None else f"{previous}, {value}"
+    return out, chars
+
+
+def _is_utf8(value: str) -> bool:
+    """False for a value holding bytes that were not UTF-8 (decoded by aiohttp as surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _header_size(headers: dict[str, str]) -> int:
+    """Bytes the headers take in a NATS message (they count against the max payload)."""
+    return _NATS_HEADER_OVERHEAD + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole request body, or None when it is longer than `limit`."""
+    if request.content_length is not None:  # already checked against `limit`
+        return await request.content.read()
+    chunks = bytearray()
+    async for chunk in request.content.iter_any():
+        chunks += chunk
+        if len(chunks) > limit:
+            return None
+    return bytes(chunks)
+
+
+def _response(data: bytes, headers: dict[str, str] | None) -> web.Response:
+    """The HTTP response for a NATS reply: an envelope's status, or 200 with the reply's content type."""
+    if data and data[0] in _JSON_OBJECT_START:
+        try:
+            status = _decode_envelope(data).status_code
+        except msgspec.MsgspecError:
+            status = None
+        if status is not None and 100 <= status <= 599:
+            return web.Response(body=data, status=status, headers={"Content-Type": "application/json"})
+    content_type = None
+    if headers:
+        content_type = headers.get("Content-Type")
+        if content_type is None:
+            content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    return web.Response(body=data, headers={"Content-Type": content_type or "application/octet-stream"})
+
+
+def _too_large(max_payload: int) -> web.Response:
+    return _error(PayloadTooLarge(f"request body over the NATS max payload of {max_payload} bytes"))
+
+
+def _error(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    """An error envelope with its status."""
+    body = _encode(ErrorReply(error=exc.message, status_code=exc.status))
+    response = web.Response(body=body, status=exc.status, headers=headers)
+    response.headers["Content-Type"] = "application/json"
+    return response
