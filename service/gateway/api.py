@@ -1,0 +1,204 @@
+"""The Trigger API over HTTP: one static route per operation of the table, forwarded over NATS.
+
+Nothing here interprets a request beyond what the subject needs: the service decodes, validates
+and authenticates, and its envelope's `status_code` becomes the HTTP status.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+
+import msgspec
+import nats.errors
+from aiohttp import web
+from nats.aio.client import Client
+
+from schemas.openapi import HealthBody, HealthReply, document
+from schemas.triggers import ErrorReply
+from service import log
+from service.config import Settings
+from service.errors import (
+    ApiError,
+    BadRequest,
+    GatewayTimeout,
+    Internal,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Unavailable,
+)
+from service.routing import OPERATIONS, REQUEST_ID_HEADER, SERVICE_NAME, Operation
+
+MAX_BODY = 1 << 20  # the contract's limit for an API request body (1 MiB)
+REQUEST_ID = web.RequestKey("request_id", str)
+JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_log = log.get("gateway.api")
+_encode = msgspec.json.Encoder().encode
+_PATH_PARAM = re.compile(r"{(\w+)}")
+# One NATS subject token: no separator, no wildcard, no whitespace or control character; short
+# enough that the subject stays far below the server's control-line limit.
+_TOKEN = re.compile(r"[^\s\x00-\x1f\x7f.*>]{1,256}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_PING_SUBJECT = f"$SRV.PING.{SERVICE_NAME}"
+_HEADER_LINE = len(b"NATS/1.0\r\n\r\n")
+
+
+class _Envelope(msgspec.Struct):
+    status_code: int
+
+
+class _Ping(msgspec.Struct):
+    id: str
+    version: str
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_ping = msgspec.json.Decoder(_Ping).decode
+
+
+def error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> web.Response:
+    """The JSON envelope of an error, with its status."""
+    body = _encode(ErrorReply(error=error.message, status_code=error.status))
+    return web.Response(body=body, status=error.status, content_type=JSON, headers=headers)
+
+
+class TriggerApi:
+    """The static routes: the operation table, `/healthz` and `/openapi.json`."""
+
+    def __init__(self, settings: Settings, nc: Client) -> None:
+        self._settings = settings
+        self._nc = nc
+        self._openapi = _encode(document(settings.prefix))
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Register every static route; a known path with another method answers 405."""
+        handlers: dict[str, dict[str, Handler]] = {
+            "/healthz": {"GET": self.health},
+            "/openapi.json": {"GET": self.openapi},
+        }
+        for op in OPERATIONS:
+            handlers.setdefault(op.http_path, {})[op.http_method] = self._forwarder(op)
+        for path, methods in handlers.items():
+            resource = router.add_resource(path)
+            for method, handler in methods.items():
+                resource.add_route(method, handler)
+            resource.add_route("*", _not_allowed(sorted(methods)))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document."""
+        return web.Response(body=self._openapi, content_type=JSON)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 when connected to NATS and a Trigger Service instance answers a micro PING."""
+        if not self._nc.is_connected:
+            return error_response(Unavailable("not connected to NATS"))
+        try:
+            reply = await self._nc.request(
+                _PING_SUBJECT, b"", timeout=min(2.0, self._settings.request_timeout)
+            )
+            ping = _decode_ping(reply.data)
+        except nats.errors.NoRespondersError:
+            return error_response(Unavailable("no Trigger Service instance is running"))
+        except nats.errors.TimeoutError:
+            return error_response(Unavailable("the Trigger Service did not answer its PING"))
+        except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError):
+            return error_response(Unavailable("the Trigger Service PING failed"))
+        body = HealthReply(body=HealthBody(status="ok", service_id=ping.id, service_version=ping.version))
+        return web.Response(body=_encode(body), content_type=JSON)
+
+    def _forwarder(self, op: Operation) -> Handler:
+        subject = f"{self._settings.prefix}.{op.subject}"
+        params = _PATH_PARAM.findall(op.http_path)
+        if subject.count("*") != len(params):
+            raise ValueError(f"{op.name}: {op.http_path} does not fill every `*` of {subject}")
+
+        async def forward(request: web.Request) -> web.Response:
+            try:
+                tokens = iter([_token(name, request.match_info[name]) for name in params])
+                target = ".".join(next(tokens) if part == "*" else part for part in subject.split("."))
+                payload = await self._payload(op, request)
+                return await self._request(target, payload, request)
+            except ApiError as error:
+                return error_response(error)
+
+        forward.__doc__ = f"{op.http_method} {op.http_path}: {op.summary}."
+        return forward
+
+    async def _payload(self, op: Operation, request: web.Request) -> bytes:
+        if (request.content_length or 0) > MAX_BODY:
+            raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes")
+        if op.from_subject:
+            return b""
+        if op.http_method == "GET":
+            return _encode({key: _query_value(key, request.query.getall(key)) for key in request.query})
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes") from None
+        if len(body) > MAX_BODY:
+            raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes")
+        return body
+
+    async def _request(self, subject: str, payload: bytes, request: web.Request) -> web.Response:
+        headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
+        if authorization := request.headers.get("Authorization"):
+            headers["Authorization"] = authorization
+        if len(payload) + _headers_size(headers) > self._nc.max_payload:
+            raise PayloadTooLarge(
+                f"the request is over the NATS server's max payload ({self._nc.max_payload} bytes)"
+            )
+        timeout = self._settings.request_timeout
+        try:
+            reply = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise Unavailable("no Trigger Service instance is running") from None
+        except nats.errors.TimeoutError:
+            raise GatewayTimeout(f"the Trigger Service did not answer within {timeout:g} s") from None
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge("the request is over the NATS server's max payload") from None
+        except nats.errors.Error:
+            raise Unavailable("not connected to NATS") from None
+        try:
+            status = _decode_envelope(reply.data).status_code
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            status = 0
+        if not 100 <= status <= 599:
+            _log.error("reply is not an envelope", subject=subject, size=len(reply.data))
+            raise Internal("the Trigger Service sent a reply that is not an envelope")
+        return web.Response(body=reply.data, status=status, content_type=JSON)
+
+
+def _not_allowed(allowed: list[str]) -> Handler:
+    async def not_allowed(request: web.Request) -> web.Response:
+        error = MethodNotAllowed(f"{request.method} {request.path} (allowed: {', '.join(allowed)})")
+        return error_response(error, headers={"Allow": ", ".join(allowed)})
+
+    return not_allowed
+
+
+def _token(name: str, value: str) -> str:
+    """A path parameter that is one valid subject token, else a 400 before anything is sent."""
+    if not _TOKEN.fullmatch(value):
+        raise BadRequest(
+            f"path parameter `{name}` must be one NATS subject token (1-256 characters, "
+            "no '.', '*', '>', whitespace or control characters)"
+        )
+    return value
+
+
+def _query_value(key: str, values: list[str]) -> object:
+    """A query parameter as a JSON value: `limit` as an integer when it is digits."""
+    if len(values) > 1:
+        return values  # the service says that it wants one value
+    value = values[0]
+    if key == "limit" and _DIGITS.fullmatch(value):
+        return int(value)
+    return value
+
+
+def _headers_size(headers: Mapping[str, str]) -> int:
+    """Bytes the headers add to a NATS message (the server's max payload counts them)."""
+    return _HEADER_LINE + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
