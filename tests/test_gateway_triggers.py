@@ -17,56 +17,26 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from service.app import connect, running
+from service.app import running
 from service.config import Settings
-from service.gateway.forward import GatewayRoutes
-from service.store import TriggerStore
+from service.gateway.app import running_gateway
+from tests import http_fixtures
 from tests.conftest import make_settings
+from tests.http_fixtures import on_free_port
 from tests.support import eventually, gateway_request, request, token, unique
 
 pytestmark = pytest.mark.usefixtures("service")
+gateway_url, http = http_fixtures.gateway_url, http_fixtures.http
 
 Responder = Callable[[Msg], Awaitable[None]]
 
 
-@contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[str]:
-    """A sidecar serving the gateway routes on a random port; yields its base URL."""
-    nc = await connect(settings, "trigger-gateway-test")
-    try:
-        store = await TriggerStore.open(nc.jetstream(), settings.bucket)
-        async with GatewayRoutes(settings, nc, store) as routes:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", routes.handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            try:
-                port = runner.addresses[0][1]
-                yield f"http://127.0.0.1:{port}"
-            finally:
-                await runner.cleanup()
-    finally:
-        await nc.drain()
-
-
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[str]:
-    """One sidecar replica on the test's bucket."""
-    async with running_gateway(settings) as url:
-        yield url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """An HTTP client."""
-    async with aiohttp.ClientSession() as session:
-        yield session
+def sidecar(settings: Settings) -> contextlib.AbstractAsyncContextManager[str]:
+    """Another sidecar replica on a free port; yields its base URL."""
+    return running_gateway(on_free_port(settings))
 
 
 class Response(msgspec.Struct):
@@ -137,9 +107,11 @@ async def served(http: aiohttp.ClientSession, method: str, url: str, status: int
 # --- lifecycle ---------------------------------------------------------------------------------
 
 
-async def test_route_serves_within_one_second_of_201_and_404s_within_one_second_of_delete(nc, gateway, http):
+async def test_route_serves_within_one_second_of_201_and_404s_within_one_second_of_delete(
+    nc, gateway_url, http
+):
     name, path = unique(), f"/{unique('p')}"
-    url = gateway + path
+    url = gateway_url + path
     await respond(nc, "ms.trigger.gateway.>", replying(nc, b"hello"))
 
     before = await call(http, "GET", url)
@@ -156,7 +128,7 @@ async def test_route_serves_within_one_second_of_201_and_404s_within_one_second_
 
 async def test_two_sidecar_replicas_both_serve_a_new_route_within_one_second(nc, settings, http):
     name, path = unique(), f"/{unique('p')}"
-    async with running_gateway(settings) as first, running_gateway(settings) as second:
+    async with sidecar(settings) as first, sidecar(settings) as second:
         trigger = await create(nc, name, "POST", path, is_public=True)
         await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"pong"))
         start = time.monotonic()
@@ -180,64 +152,64 @@ async def test_a_sidecar_started_later_serves_existing_routes_on_its_first_reque
     await delete(nc, gone)
     await respond(nc, live_trigger["gateway_mapping_subject"], replying(nc, b"already here"))
 
-    async with running_gateway(settings) as url:
+    async with sidecar(settings) as url:
         first = await call(http, "GET", f"{url}/{live}")
         assert (first.status, first.body) == (200, b"already here")
         assert (await call(http, "GET", f"{url}/{gone}")).status == 404
 
 
-async def test_a_new_trigger_may_take_over_a_deleted_route(nc, gateway, http):
+async def test_a_new_trigger_may_take_over_a_deleted_route(nc, gateway_url, http):
     path = f"/{unique('p')}"
     old, new = unique(), unique()
     old_trigger = await create(nc, old, "GET", path, is_public=True)
     await respond(nc, old_trigger["gateway_mapping_subject"], replying(nc, b"old"))
-    await eventually(lambda: served(http, "GET", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200), timeout=1.0)
     await delete(nc, old)
 
     new_trigger = await create(nc, new, "GET", path, is_public=True)
     await respond(nc, new_trigger["gateway_mapping_subject"], replying(nc, b"new"))
 
     async def answers_new() -> bool:
-        return (await call(http, "GET", gateway + path)).body == b"new"
+        return (await call(http, "GET", gateway_url + path)).body == b"new"
 
     await eventually(answers_new, timeout=1.0)
 
 
-async def test_routes_match_method_and_exact_path(nc, gateway, http):
+async def test_routes_match_method_and_exact_path(nc, gateway_url, http):
     path = f"/{unique('p')}/items"
     trigger = await create(nc, unique(), "GET", path, is_public=True)
     head = await create(nc, unique(), "HEAD", f"{path}/head", is_public=True)
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"get"))
     await respond(nc, head["gateway_mapping_subject"], replying(nc, b""))
-    await eventually(lambda: served(http, "HEAD", f"{gateway}{path}/head", 200), timeout=1.0)
-    await eventually(lambda: served(http, "GET", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "HEAD", f"{gateway_url}{path}/head", 200), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200), timeout=1.0)
 
-    assert (await call(http, "GET", f"{gateway}{path}/")).status == 404  # trailing slash matters
-    assert (await call(http, "GET", f"{gateway}{path}/head")).status == 405
-    other = await call(http, "POST", gateway + path)
+    assert (await call(http, "GET", f"{gateway_url}{path}/")).status == 404  # trailing slash matters
+    assert (await call(http, "GET", f"{gateway_url}{path}/head")).status == 405
+    other = await call(http, "POST", gateway_url + path)
     assert other.status == 405
     assert other.headers["Allow"] == "GET"
     assert other.json()["error"].startswith("Method not allowed: ")
-    assert (await call(http, "HEAD", gateway + path)).status == 405  # HEAD matches only HEAD triggers
-    with_query = await call(http, "GET", f"{gateway}{path}?a=1")
+    assert (await call(http, "HEAD", gateway_url + path)).status == 405  # HEAD matches only HEAD triggers
+    with_query = await call(http, "GET", f"{gateway_url}{path}?a=1")
     assert (with_query.status, with_query.body) == (200, b"get")
 
 
 # --- forwarding --------------------------------------------------------------------------------
 
 
-async def test_request_travels_as_body_and_headers_to_the_mapping_subject(nc, gateway, http):
+async def test_request_travels_as_body_and_headers_to_the_mapping_subject(nc, gateway_url, http):
     path = f"/{unique('p')}/orders"
     trigger = await create(nc, unique(), "PUT", path)
     seen: list[Msg] = []
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"done", seen=seen))
-    await eventually(lambda: served(http, "PUT", gateway + path, 401), timeout=1.0)
+    await eventually(lambda: served(http, "PUT", gateway_url + path, 401), timeout=1.0)
 
     body = bytes(range(256)) * 10
     response = await call(
         http,
         "PUT",
-        f"{gateway}{path}?b=2&a=%20x&a=y",
+        f"{gateway_url}{path}?b=2&a=%20x&a=y",
         data=body,
         headers={
             **bearer("globex"),
@@ -270,16 +242,16 @@ async def test_request_travels_as_body_and_headers_to_the_mapping_subject(nc, ga
     assert not lowered & {"connection", "x-private", "keep-alive", "te", "upgrade", "transfer-encoding"}
 
 
-async def test_public_route_forwards_without_token_and_without_trigger_account(nc, gateway, http):
+async def test_public_route_forwards_without_token_and_without_trigger_account(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "POST", path, is_public=True)
     seen: list[Msg] = []
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, seen=seen))
-    await eventually(lambda: served(http, "POST", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "POST", gateway_url + path, 200), timeout=1.0)
 
-    forged = await call(http, "POST", gateway + path, headers={"trigger-account": "forged"})
-    bad_token = await call(http, "POST", gateway + path, headers={"Authorization": "Bearer nope"})
-    good = await call(http, "POST", gateway + path, headers=bearer("initech"))
+    forged = await call(http, "POST", gateway_url + path, headers={"trigger-account": "forged"})
+    bad_token = await call(http, "POST", gateway_url + path, headers={"Authorization": "Bearer nope"})
+    good = await call(http, "POST", gateway_url + path, headers=bearer("initech"))
 
     assert [forged.status, bad_token.status, good.status] == [200, 200, 200]
     accounts = [(m.headers or {}).get("Trigger-Account") for m in seen[-3:]]
@@ -287,18 +259,18 @@ async def test_public_route_forwards_without_token_and_without_trigger_account(n
     assert (seen[-1].headers or {})["Http-Query"] == ""
 
 
-async def test_chunked_request_body_is_forwarded_whole(nc, gateway, http):
+async def test_chunked_request_body_is_forwarded_whole(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "POST", path, is_public=True)
     seen: list[Msg] = []
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, seen=seen))
-    await eventually(lambda: served(http, "POST", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "POST", gateway_url + path, 200), timeout=1.0)
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(5):
             yield f"part {i};".encode()
 
-    response = await call(http, "POST", gateway + path, data=chunks())
+    response = await call(http, "POST", gateway_url + path, data=chunks())
     assert response.status == 200
     assert seen[-1].data == b"part 0;part 1;part 2;part 3;part 4;"
     assert "Transfer-Encoding" not in (seen[-1].headers or {})
@@ -325,19 +297,21 @@ async def test_chunked_request_body_is_forwarded_whole(nc, gateway, http):
         (b"", None, 200, "application/octet-stream"),
     ],
 )
-async def test_reply_becomes_the_http_response(nc, gateway, http, reply, reply_headers, status, content_type):
+async def test_reply_becomes_the_http_response(
+    nc, gateway_url, http, reply, reply_headers, status, content_type
+):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path, is_public=True)
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, reply, reply_headers))
-    await eventually(lambda: served(http, "GET", gateway + path, status), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, status), timeout=1.0)
 
-    response = await call(http, "GET", gateway + path)
+    response = await call(http, "GET", gateway_url + path)
     assert response.status == status
     assert response.body == reply
     assert response.headers["Content-Type"] == content_type
 
 
-async def test_traffic_distribution_splits_requests_by_weight(nc, gateway, http):
+async def test_traffic_distribution_splits_requests_by_weight(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(
         nc, unique(), "POST", path, is_public=True, traffic_distribution={"v1": 70, "v2": 30, "v3": 0}
@@ -350,11 +324,11 @@ async def test_traffic_distribution_splits_requests_by_weight(nc, gateway, http)
         await msg.respond(msg.subject.encode())
 
     await respond(nc, f"{subject}.*", count)
-    await eventually(lambda: served(http, "POST", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "POST", gateway_url + path, 200), timeout=1.0)
     counts.clear()
 
     async def one() -> int:
-        return (await call(http, "POST", gateway + path)).status
+        return (await call(http, "POST", gateway_url + path)).status
 
     total = 2000
     for _ in range(total // 100):
@@ -370,52 +344,68 @@ async def test_traffic_distribution_splits_requests_by_weight(nc, gateway, http)
 # --- rules: authentication, rate limit, timeout, size ----------------------------------------
 
 
-async def test_private_route_needs_a_valid_token_of_any_account(nc, gateway, http):
+async def test_private_route_needs_a_valid_token_of_any_account(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path)
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"secret"))
-    await eventually(lambda: served(http, "GET", gateway + path, 200, headers=bearer()), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200, headers=bearer()), timeout=1.0)
 
-    anonymous = await call(http, "GET", gateway + path)
+    anonymous = await call(http, "GET", gateway_url + path)
     assert anonymous.status == 401
     assert anonymous.json()["error"].startswith("Unauthorized: ")
     assert anonymous.json()["status_code"] == 401
     assert anonymous.headers["WWW-Authenticate"] == "Bearer"
     for bad in ("Bearer not-a-jwt", f"Bearer {token('acme', ttl=-10)}", "Basic dXNlcjpwYXNz", "Bearer "):
-        assert (await call(http, "GET", gateway + path, headers={"Authorization": bad})).status == 401, bad
-    other = await call(http, "GET", gateway + path, headers=bearer("someone-else"))
+        assert (await call(http, "GET", gateway_url + path, headers={"Authorization": bad})).status == 401, (
+            bad
+        )
+    other = await call(http, "GET", gateway_url + path, headers=bearer("someone-else"))
     assert (other.status, other.body) == (200, b"secret")
 
 
-async def test_rate_limit_answers_429_with_retry_after_beyond_the_limit(nc, gateway, http):
+async def test_a_token_stops_opening_a_private_route_when_it_expires(nc, gateway_url, http):
+    path = f"/{unique('p')}"
+    trigger = await create(nc, unique(), "GET", path)
+    await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
+    short_lived = {"Authorization": f"Bearer {token('acme', ttl=2)}"}
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200, headers=short_lived), timeout=1.0)
+
+    await eventually(lambda: served(http, "GET", gateway_url + path, 401, headers=short_lived), timeout=3.0)
+    assert (await call(http, "GET", gateway_url + path, headers=short_lived)).json() == {
+        "error": "Unauthorized: token has expired",
+        "status_code": 401,
+    }
+
+
+async def test_rate_limit_answers_429_with_retry_after_beyond_the_limit(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path, limit={"request": 3, "time": 60_000})
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
-    await eventually(lambda: served(http, "GET", gateway + path, 401), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 401), timeout=1.0)
 
     for _ in range(5):  # refused before the limit: not counted
-        assert (await call(http, "GET", gateway + path)).status == 401
-    statuses = [(await call(http, "GET", gateway + path, headers=bearer())).status for _ in range(3)]
+        assert (await call(http, "GET", gateway_url + path)).status == 401
+    statuses = [(await call(http, "GET", gateway_url + path, headers=bearer())).status for _ in range(3)]
     assert statuses == [200, 200, 200]
-    over = await call(http, "GET", gateway + path, headers=bearer())
+    over = await call(http, "GET", gateway_url + path, headers=bearer())
     assert over.status == 429
     assert over.json()["error"].startswith("Too many requests: ")
     assert 1 <= int(over.headers["Retry-After"]) <= 60
 
 
-async def test_rate_limit_window_slides(nc, gateway, http):
+async def test_rate_limit_window_slides(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path, is_public=True, limit={"request": 2, "time": 300})
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
-    await eventually(lambda: served(http, "GET", gateway + path, 429), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 429), timeout=1.0)
 
-    refused = await call(http, "GET", gateway + path)
+    refused = await call(http, "GET", gateway_url + path)
     assert refused.status == 429
     assert refused.headers["Retry-After"] == "1"  # under a second rounds up to one
-    await eventually(lambda: served(http, "GET", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200), timeout=1.0)
 
 
-async def test_no_reply_within_timeout_is_504(nc, gateway, http):
+async def test_no_reply_within_timeout_is_504(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path, is_public=True, timeout=100)
 
@@ -423,9 +413,9 @@ async def test_no_reply_within_timeout_is_504(nc, gateway, http):
         pass
 
     await respond(nc, trigger["gateway_mapping_subject"], silent)
-    await eventually(lambda: served(http, "GET", gateway + path, 504), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 504), timeout=1.0)
     start = time.monotonic()
-    response = await call(http, "GET", gateway + path)
+    response = await call(http, "GET", gateway_url + path)
     assert response.status == 504
     assert time.monotonic() - start < 1.0
     assert response.json() == {
@@ -434,43 +424,43 @@ async def test_no_reply_within_timeout_is_504(nc, gateway, http):
     }
 
 
-async def test_no_responder_is_503(nc, gateway, http):
+async def test_no_responder_is_503(nc, gateway_url, http):
     path = f"/{unique('p')}"
     await create(nc, unique(), "DELETE", path, is_public=True)
-    await eventually(lambda: served(http, "DELETE", gateway + path, 503), timeout=1.0)
-    response = await call(http, "DELETE", gateway + path)
+    await eventually(lambda: served(http, "DELETE", gateway_url + path, 503), timeout=1.0)
+    response = await call(http, "DELETE", gateway_url + path)
     assert response.json() == {
         "error": f"Service unavailable: no responder for DELETE {path}",
         "status_code": 503,
     }
 
 
-async def test_body_over_the_nats_max_payload_is_413_and_the_gateway_stays_up(nc, gateway, http):
+async def test_body_over_the_nats_max_payload_is_413_and_the_gateway_stays_up(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "POST", path, is_public=True)
     seen: list[Msg] = []
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc, seen=seen))
-    await eventually(lambda: served(http, "POST", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "POST", gateway_url + path, 200), timeout=1.0)
     limit = nc.max_payload
 
-    too_big = await call(http, "POST", gateway + path, data=io.BytesIO(b"x" * (limit + 1)))
+    too_big = await call(http, "POST", gateway_url + path, data=io.BytesIO(b"x" * (limit + 1)))
     assert too_big.status == 413
     assert too_big.json()["error"].startswith("Payload too large: ")
     # The body alone fits, but not with the headers that travel with it.
-    with_headers = await call(http, "POST", gateway + path, data=io.BytesIO(b"x" * (limit - 10)))
+    with_headers = await call(http, "POST", gateway_url + path, data=io.BytesIO(b"x" * (limit - 10)))
     assert with_headers.status == 413
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(3):
             yield b"y" * (limit // 2)
 
-    assert (await call(http, "POST", gateway + path, data=chunks())).status == 413
+    assert (await call(http, "POST", gateway_url + path, data=chunks())).status == 413
     many_headers = {f"X-Big-{i}": "h" * 8000 for i in range(20)}
     big_headers = await call(
-        http, "POST", gateway + path, data=b"x" * (limit - 100_000), headers=many_headers
+        http, "POST", gateway_url + path, data=b"x" * (limit - 100_000), headers=many_headers
     )
     assert big_headers.status == 413
-    fits = await call(http, "POST", gateway + path, data=b"z" * (limit // 2))
+    fits = await call(http, "POST", gateway_url + path, data=b"z" * (limit // 2))
     assert fits.status == 200
     assert len(seen[-1].data) == limit // 2
 
@@ -479,7 +469,7 @@ async def test_without_authentication_every_request_is_allowed_as_the_default_ac
     # Its own prefix, so that the suite's service (with authentication) does not answer.
     settings = make_settings(nats_server.url, TRIGGER_AUTH="none", TRIGGER_PREFIX="ms.open")
     path = f"/{unique('p')}"
-    async with running(settings), running_gateway(settings) as url:
+    async with running(settings), sidecar(settings) as url:
         trigger = await create(nc, unique(), "GET", path, prefix="ms.open")
         seen: list[Msg] = []
         await respond(nc, trigger["gateway_mapping_subject"], replying(nc, seen=seen))
@@ -487,13 +477,13 @@ async def test_without_authentication_every_request_is_allowed_as_the_default_ac
         assert (seen[-1].headers or {})["Trigger-Account"] == "default"
 
 
-async def test_header_value_that_is_not_utf8_is_400(nc, gateway, http):
+async def test_header_value_that_is_not_utf8_is_400(nc, gateway_url, http):
     path = f"/{unique('p')}"
     trigger = await create(nc, unique(), "GET", path, is_public=True)
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
-    await eventually(lambda: served(http, "GET", gateway + path, 200), timeout=1.0)
+    await eventually(lambda: served(http, "GET", gateway_url + path, 200), timeout=1.0)
 
-    host, port = gateway.removeprefix("http://").split(":")
+    host, port = gateway_url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
         f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nConnection: close\r\n\r\n".encode("latin-1")
@@ -506,4 +496,4 @@ async def test_header_value_that_is_not_utf8_is_400(nc, gateway, http):
     assert rest.endswith(
         b'{"error":"Invalid request: header values must be UTF-8 to travel over NATS","status_code":400}'
     )
-    assert (await call(http, "GET", gateway + path, headers={"X-Utf8": "café"})).status == 200
+    assert (await call(http, "GET", gateway_url + path, headers={"X-Utf8": "café"})).status == 200

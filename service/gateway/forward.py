@@ -37,6 +37,7 @@ from service.errors import (
     Unavailable,
 )
 from service.gateway.ratelimit import SlidingWindow
+from service.gateway.tokens import VerifiedTokens
 from service.store import Change, TriggerStore
 
 KEY_PATTERN = "*.gateway.*"
@@ -128,6 +129,7 @@ class GatewayRoutes:
         self._nc = nc
         self._store = store
         self._auth = Authenticator(settings)
+        self._tokens = VerifiedTokens(self._auth)
         self._routes: dict[tuple[str, str], Route] = {}
         self._by_key: dict[str, Route] = {}
         self._methods: dict[str, set[str]] = {}  # path -> methods served, for 405 and `Allow`
@@ -248,7 +250,7 @@ class GatewayRoutes:
             token = bearer_token(headers)
             if token is not None:
                 try:
-                    account = self._auth.verify(token).account
+                    account = self._tokens.account(token)
                 except Unauthorized as exc:
                     if not route.is_public:
                         return _error(exc, _CHALLENGE)
