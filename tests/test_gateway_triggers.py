@@ -16,6 +16,8 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -23,6 +25,7 @@ from nats.aio.msg import Msg
 from service.app import running
 from service.config import Settings
 from service.gateway.app import running_gateway
+from service.natsserver import NatsServer
 from tests import http_fixtures
 from tests.conftest import make_settings
 from tests.http_fixtures import on_free_port
@@ -497,3 +500,34 @@ async def test_header_value_that_is_not_utf8_is_400(nc, gateway_url, http):
         b'{"error":"Invalid request: header values must be UTF-8 to travel over NATS","status_code":400}'
     )
     assert (await call(http, "GET", gateway_url + path, headers={"X-Utf8": "café"})).status == 200
+
+
+async def test_routes_keep_following_the_bucket_across_a_nats_restart(tmp_path, http):
+    server = NatsServer(store_dir=tmp_path).start()
+    try:
+        settings = make_settings(server.url)
+        client = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        async with running(settings), sidecar(settings) as url:
+            old, new = unique(), unique()
+            await create(client, old, "GET", f"/{old}", is_public=True)
+            await respond(client, "ms.trigger.gateway.>", replying(client))
+            await eventually(lambda: served(http, "GET", f"{url}/{old}", 200), timeout=1.0)
+
+            port = server.port
+            server.stop()
+            server = NatsServer(store_dir=tmp_path, extra_args=("-p", str(port))).start()
+
+            async def created() -> bool:
+                body = gateway_request(new, "GET", f"/{new}", is_public=True)
+                with contextlib.suppress(nats.errors.Error):
+                    reply = await request(client, "ms.trigger.create.gateway", body, timeout=1.0)
+                    return reply.status in (201, 409)  # 409: an earlier attempt stored it
+                return False
+
+            await eventually(created, timeout=10.0)
+            await eventually(lambda: served(http, "GET", f"{url}/{new}", 200), timeout=1.0)
+            await delete(client, old)
+            await eventually(lambda: served(http, "GET", f"{url}/{old}", 404), timeout=1.0)
+        await client.drain()
+    finally:
+        server.stop()

@@ -63,6 +63,9 @@ _JSON_OBJECT_START = frozenset(b"{ \t\r\n")
 _RESERVED_HEADERS_CHARS = 200  # the Http-* and Trigger-Account headers, without path and query
 _NATS_HEADER_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 
+_RECONNECT_CHECK = 0.25  # seconds between looks at the connection's reconnect count
+_RETRY_MIN, _RETRY_MAX = 0.1, 2.0  # seconds between attempts to renew a failed bucket watch
+
 _log = log.get("gateway")
 _encode = msgspec.json.Encoder().encode
 
@@ -134,6 +137,7 @@ class GatewayRoutes:
         self._by_key: dict[str, Route] = {}
         self._methods: dict[str, set[str]] = {}  # path -> methods served, for 405 and `Allow`
         self._task: asyncio.Task[None] | None = None
+        self._retry = _RETRY_MIN
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -174,28 +178,43 @@ class GatewayRoutes:
     # --- following the bucket ----------------------------------------------------------------
 
     async def _follow(self, ready: asyncio.Future[None]) -> None:
-        """Follow the bucket for good; a failed watch is restarted from a fresh snapshot."""
-        delay = 0.1
+        """Follow the bucket for good; after a failure or a reconnect, watch again from a fresh snapshot.
+
+        A reconnect may land on a restarted server that lost the watch's consumer, and nats-py
+        notices that only after two missed heartbeats (10 s): the watch is renewed at once instead.
+        """
         while True:
+            reconnects = self._nc.stats["reconnects"]
+            watch = asyncio.create_task(self._follow_once(ready))
             try:
-                await self._follow_once(ready)
-            except Exception as exc:  # the watch broke: NATS or JetStream went away
-                if not ready.done():
-                    ready.set_exception(exc)
-                    return
-                _log.warning("bucket watch failed; restarting", error=str(exc) or type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                while not watch.done() and self._nc.stats["reconnects"] == reconnects:
+                    await asyncio.wait({watch}, timeout=_RECONNECT_CHECK)
+            finally:
+                if not watch.done():
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+            if watch.cancelled():
+                _log.info("reconnected to NATS; reloading the gateway routes")
+                continue
+            exc = watch.exception()
+            if exc is not None and not ready.done():
+                ready.set_exception(exc)  # the first load failed: the sidecar cannot start
+                return
+            _log.warning("bucket watch ended; restarting", error=repr(exc))
+            await asyncio.sleep(self._retry)
+            self._retry = min(self._retry * 2, _RETRY_MAX)
 
     async def _follow_once(self, ready: asyncio.Future[None]) -> None:
         seen: set[str] | None = set()
 
         async def snapshot_loaded() -> None:
             nonlocal seen
-            # A restarted watch replaces the table: keys missing from the new snapshot are gone.
+            # A renewed watch replaces the table: keys missing from the new snapshot are gone.
             for key in [key for key in self._by_key if seen is not None and key not in seen]:
                 self._remove(key)
             seen = None
+            self._retry = _RETRY_MIN
             if not ready.done():
                 ready.set_result(None)
 
