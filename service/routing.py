@@ -136,6 +136,8 @@ class Api:
                     metadata={"http": f"{op.http_method} {op.http_path}", "summary": op.summary},
                 )
             )
+        await asyncio.sleep(0)  # a request sent once start() returns finds the endpoints at the server
+        await self._nc.flush()
         self.service = service
         return service
 
