@@ -97,6 +97,17 @@ def replying(
     return cb
 
 
+async def raw_http(base_url: str, data: bytes) -> bytes:
+    """Send raw bytes to the sidecar; everything it answers until it closes the connection."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout=2.0)
+    finally:
+        writer.close()
+
+
 def bearer(account: str = "acme") -> dict[str, str]:
     """HTTP headers carrying a valid bearer token."""
     return {"Authorization": f"Bearer {token(account)}"}
@@ -486,14 +497,8 @@ async def test_header_value_that_is_not_utf8_is_400(nc, gateway_url, http):
     await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
     await eventually(lambda: served(http, "GET", gateway_url + path, 200), timeout=1.0)
 
-    host, port = gateway_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nConnection: close\r\n\r\n".encode("latin-1")
-    )
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
+    request_bytes = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nConnection: close\r\n\r\n"
+    raw = await raw_http(gateway_url, request_bytes.encode("latin-1"))
     status_line, _, rest = raw.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 400 Bad Request"
     assert rest.endswith(
@@ -531,3 +536,15 @@ async def test_routes_keep_following_the_bucket_across_a_nats_restart(tmp_path, 
         await client.drain()
     finally:
         server.stop()
+
+
+async def test_an_interim_status_in_the_envelope_ends_the_connection_instead_of_hanging(nc, gateway_url):
+    path = f"/{unique('p')}"
+    trigger = await create(nc, unique(), "GET", path, is_public=True)
+    await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b'{"status_code": 100}'))
+
+    async def interim() -> bool:  # a keep-alive request, read until the server closes
+        raw = await raw_http(gateway_url, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return raw.startswith(b"HTTP/1.1 100 Continue\r\n")
+
+    await eventually(interim, timeout=1.0)

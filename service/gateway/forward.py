@@ -128,7 +128,6 @@ class GatewayRoutes:
     """Serves every live gateway trigger's METHOD path; follows the bucket."""
 
     def __init__(self, settings: Settings, nc: Client, store: TriggerStore) -> None:
-        self._settings = settings
         self._nc = nc
         self._store = store
         self._auth = Authenticator(settings)
@@ -138,9 +137,6 @@ class GatewayRoutes:
         self._methods: dict[str, set[str]] = {}  # path -> methods served, for 405 and `Allow`
         self._task: asyncio.Task[None] | None = None
         self._retry = _RETRY_MIN
-
-    def __len__(self) -> int:
-        return len(self._routes)
 
     async def __aenter__(self) -> GatewayRoutes:
         """Load every live gateway trigger, then follow the bucket's changes."""
@@ -395,7 +391,10 @@ def _response(data: bytes, headers: dict[str, str] | None) -> web.Response:
         except msgspec.MsgspecError:
             status = None
         if status is not None and 100 <= status <= 599:
-            return web.Response(body=data, status=status, headers={"Content-Type": "application/json"})
+            response = web.Response(body=data, status=status, headers={"Content-Type": "application/json"})
+            if status < 200:
+                response.force_close()  # an interim status: the client would wait for a final one
+            return response
     content_type = None
     if headers:
         content_type = headers.get("Content-Type")
