@@ -105,7 +105,8 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
                 f"target subject {destination!r} overlaps source subject {source!r}: the route would "
                 "loop - at `$.target`"
             )
-        if subjects.closes_cycle(source, destination, await _routes(ctx, caller.account)):
+        flow = (destination, source) if req.source.kind == "service" else (source, destination)
+        if subjects.closes_cycle(*flow, await _routes(ctx, caller.account)):
             raise BadRequest(
                 f"route {source!r} -> {destination!r} would close a cycle with existing stream "
                 "triggers - at `$.target`"
@@ -133,7 +134,8 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
 
 
 async def _routes(ctx: Context, account: str) -> list[tuple[str, str]]:
-    """(S, D) of every live stream trigger sharing the caller's subject space."""
+    """Every live route sharing the caller's subject space, the way data flows: (S, D) for a stream,
+    (D, S) for a service (requests go from D to the responders on S)."""
     scope = "*" if ctx.settings.routing == "single" else account
     routes = []
     for _, trigger in await ctx.store.live(f"{scope}.stream.*"):
@@ -141,7 +143,8 @@ async def _routes(ctx: Context, account: str) -> list[tuple[str, str]]:
             if ctx.settings.routing != "single" and trigger.target.account not in (None, account):
                 continue
             s = trigger.source.subject
-            routes.append((s, trigger.target.local_subject or trigger.target.subject or s))
+            d = trigger.target.local_subject or trigger.target.subject or s
+            routes.append((d, s) if trigger.source.kind == "service" else (s, d))
     return routes
 
 

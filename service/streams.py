@@ -1,0 +1,226 @@
+"""Stream triggers carried by the service's own subscriptions (single-account mode).
+
+A `stream` route is a queue subscription on S that republishes each message on D; a `service`
+route is a queue subscription on D that forwards each request to S with the requester's reply
+subject, so the responders answer the requester directly. Every replica follows the bucket and
+subscribes in the same queue group (named after the trigger's key and the revision that created
+it), so NATS hands each message to one replica only.
+
+The routes use a connection of their own: a burst of carried messages then never queues in
+front of the control plane's replies and KV traffic, and the data plane's flushes wait only for
+its own traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas.triggers import StreamTrigger
+from service import log, subjects
+from service.config import Settings
+from service.errors import Unavailable
+from service.store import Change, TriggerStore
+
+Connect = Callable[[Settings, str], Awaitable[Client]]
+
+STREAM_KEYS = "*.stream.*"  # every account: single-account mode shares one subject space
+# A burst must wait in the client's queue, never be dropped as a slow consumer.
+PENDING_MSGS_LIMIT = 1_000_000
+PENDING_BYTES_LIMIT = 1 << 30
+FOLLOW_RETRY_SECONDS = 1.0
+
+_log = log.get("streams")
+
+
+@dataclass(frozen=True)
+class _Route:
+    revision: int
+    subscription: Subscription
+
+
+def route_of(trigger: StreamTrigger) -> tuple[str, str]:
+    """(S, D) of a stream trigger: its source subject and where the data is delivered."""
+    source = trigger.source.subject
+    return source, trigger.target.local_subject or trigger.target.subject or source
+
+
+class SubscriptionCarrier:
+    """Carries every live stream trigger of the bucket with queue subscriptions."""
+
+    def __init__(self, settings: Settings, store: TriggerStore, connect: Connect) -> None:
+        self._settings = settings
+        self._store = store
+        self._connect = connect
+        self._data: Client | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._routes: dict[str, _Route] = {}
+        self._ended: dict[str, int] = {}  # key -> highest revision known to be no longer live
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._flush_timeout = math.ceil(settings.request_timeout)  # nats-py takes whole seconds
+
+    async def __aenter__(self) -> SubscriptionCarrier:
+        """Connect the data plane and return once every live trigger of the bucket is carried."""
+        self._data = await self._connect(self._settings, "trigger-service-routes")
+        ready = asyncio.Event()
+        self._follower = asyncio.create_task(self._follow(ready))
+        waiting = asyncio.create_task(ready.wait())
+        try:
+            await asyncio.wait({self._follower, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if self._follower.done():
+                self._follower.result()  # the bucket could not be read: fail the start-up
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        finally:
+            waiting.cancel()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop following the bucket, then finish the messages in hand and close the data plane."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.wait({self._follower})
+            self._follower = None
+        self._routes.clear()
+        data, self._data = self._data, None
+        if data is not None and not data.is_closed:
+            try:
+                await data.drain()  # unsubscribes every route once its received messages are carried
+            except Exception:
+                await data.close()
+
+    # --- the Carrier protocol -----------------------------------------------------------------
+
+    async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
+        """Carry the trigger created at `revision`; return once its subscription is at the server."""
+        async with self._lock(key):
+            if self._ended.get(key, 0) >= revision:
+                return  # deleted already: a late event must not bring it back
+            current = self._routes.get(key)
+            if current is not None:
+                if current.revision >= revision:
+                    return
+                del self._routes[key]
+                await self._stop(key, current)
+            self._routes[key] = await self._start(key, revision, trigger)
+
+    async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
+        """Stop carrying the trigger at `key`; return once nothing more is carried."""
+        async with self._lock(key):
+            current = self._routes.pop(key, None)
+            if current is not None:
+                self._ended[key] = max(self._ended.get(key, 0), current.revision)
+                await self._stop(key, current)
+
+    # --- following the bucket -----------------------------------------------------------------
+
+    async def _follow(self, ready: asyncio.Event) -> None:
+        """Apply every change of the bucket's stream triggers, following again after a failure."""
+
+        async def on_ready() -> None:
+            ready.set()
+
+        while True:
+            try:
+                async for change in self._store.follow(STREAM_KEYS, on_ready=on_ready):
+                    await self._apply(change)
+            except Exception:
+                if not ready.is_set():
+                    raise
+                _log.exception("following the bucket failed; following it again")
+            await asyncio.sleep(FOLLOW_RETRY_SECONDS)  # back-off before the next attempt
+
+    async def _apply(self, change: Change) -> None:
+        if isinstance(change.record, StreamTrigger):
+            await self.activate(change.key, change.revision, change.record)
+        elif change.record is None:
+            await self._retire(change.key, change.revision)
+
+    async def _retire(self, key: str, revision: int) -> None:
+        """The key stopped being live at `revision`: stop any route created before it."""
+        async with self._lock(key):
+            self._ended[key] = max(self._ended.get(key, 0), revision)
+            current = self._routes.get(key)
+            if current is not None and current.revision < revision:
+                del self._routes[key]
+                await self._stop(key, current)
+
+    # --- subscriptions ------------------------------------------------------------------------
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        """One lock per key, alive while anyone holds or waits for it."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def _start(self, key: str, revision: int, trigger: StreamTrigger) -> _Route:
+        data = self._connected()
+        source, destination = route_of(trigger)
+        if trigger.source.kind == "service":  # requests to D are forwarded to the responders on S
+            listen, deliver = destination, source
+        else:
+            listen, deliver = source, destination
+        subscription = await data.subscribe(
+            listen,
+            queue=f"{self._store.bucket}.{key}.{revision}",  # shared by replicas, new per incarnation
+            cb=self._carrier(listen, deliver),
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+            pending_bytes_limit=PENDING_BYTES_LIMIT,
+        )
+        try:
+            await asyncio.sleep(0)  # let the SUB reach the write buffer before the flush's PING
+            await data.flush(timeout=self._flush_timeout)
+        except (TimeoutError, nats.errors.Error):
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+            raise Unavailable("NATS did not confirm the route's subscription") from None
+        _log.info("route started", key=key, revision=revision, listen=listen, deliver=deliver)
+        return _Route(revision, subscription)
+
+    async def _stop(self, key: str, route: _Route) -> None:
+        """Unsubscribe (messages not yet carried are dropped) and flush the UNSUB to the server."""
+        with contextlib.suppress(nats.errors.Error):
+            await route.subscription.unsubscribe()
+        try:
+            await self._connected().flush(timeout=self._flush_timeout)
+        except (TimeoutError, nats.errors.Error, Unavailable):
+            # The client already dropped the subscription, so nothing more is carried; a server
+            # that did not get the UNSUB loses it with the connection.
+            _log.warning("route stopped without confirmation from NATS", key=key)
+        _log.info("route stopped", key=key, revision=route.revision)
+
+    def _carrier(self, listen: str, deliver: str) -> Callable[[Msg], Awaitable[None]]:
+        """The subscription callback: republish each message, in the order received."""
+        publish = self._connected().publish
+        literal = subjects.is_literal(deliver)
+
+        async def carry(msg: Msg) -> None:
+            subject = deliver if literal else subjects.translate(msg.subject, listen, deliver)
+            try:
+                await publish(subject, msg.data, reply=msg.reply, headers=msg.headers)
+            except nats.errors.Error as exc:
+                _log.warning("message not carried", subject=msg.subject, deliver=subject, error=str(exc))
+
+        return carry
+
+    def _connected(self) -> Client:
+        if self._data is None:
+            raise Unavailable("the stream-trigger data plane is not running")
+        return self._data
