@@ -37,6 +37,10 @@ async def connect(settings: Settings, name: str) -> Client:
 
 def make_carrier(settings: Settings, nc: Client, store: TriggerStore) -> Carrier:
     """The data plane chosen by configuration."""
+    if settings.routing == "accounts":
+        from service.accounts.carrier import AccountsCarrier
+
+        return AccountsCarrier(settings, nc, store)
     if settings.routing == "single":
         from service.streams import SubscriptionCarrier
 

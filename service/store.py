@@ -211,6 +211,38 @@ class TriggerStore:
             raise NotFound("no such trigger")
         return revisions
 
+    # Raw values under keys outside the trigger layout (a first token starting with `=`, which no
+    # account name can), read and written by compare-and-set: e.g. accounts mode's claims records.
+
+    async def get_raw(self, key: str) -> tuple[bytes | None, int]:
+        """The value at `key` and its revision; (None, 0) when the key holds nothing."""
+        try:
+            entry = await _guard(self.kv.get(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None, 0
+        return entry.value or b"", entry.revision or 0
+
+    async def put_raw(self, key: str, value: bytes, last: int) -> int | None:
+        """Write `value` if `key` is still at revision `last` (0: holds nothing); None when it moved on."""
+        try:
+            if last == 0:
+                return await _guard(self.kv.create(key, value))
+            return await _guard(self.kv.update(key, value, last=last))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+    async def raw_keys(self, key_pattern: str) -> list[str]:
+        """Every key matching `key_pattern` that holds a value."""
+        watcher: Any = await _guard(self.kv.watch(key_pattern, ignore_deletes=True, meta_only=True))
+        keys: list[str] = []
+        try:
+            while (entry := await watcher.updates(timeout=None)) is not None:
+                keys.append(entry.key)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return keys
+
     async def follow(
         self, key_pattern: str, on_ready: Callable[[], Awaitable[None]] | None = None
     ) -> AsyncIterator[Change]:

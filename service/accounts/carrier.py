@@ -1,0 +1,268 @@
+"""Accounts mode's data plane: a stream trigger is an export in the source account's JWT and an
+import in the target account's JWT, so NATS itself routes the data.
+
+Every change of an account's claims is a compare-and-set on its record in the bucket
+(service.accounts.claims), then a push of the signed JWT through the system account. After a
+push the record is read again: when another writer moved it on meanwhile, its newer JWT is
+pushed too, so the JWT the servers hold last is always the record's latest, whatever the order
+in which concurrent pushes arrived (nats-server applies any pushed JWT, older `iat` or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from schemas.triggers import StreamTrigger
+from service import log
+from service.accounts import claims as c
+from service.accounts import jwt
+from service.accounts.system import SystemAccount
+from service.config import Settings
+from service.errors import BadRequest, Unavailable
+from service.store import TriggerStore, split_key
+
+STREAM_KEYS = "*.stream.*"
+_ATTEMPTS = 64
+
+_log = log.get("accounts")
+
+Mutation = Callable[[c.AccountRecord], bool]
+
+
+class AccountsCarrier:
+    """Carries stream triggers as account export/import pairs (the `Carrier` of service.handlers)."""
+
+    def __init__(self, settings: Settings, nc: Any, store: TriggerStore) -> None:
+        # `nc`, the service's own connection, is not used: pushes need a system-account connection.
+        self.settings = settings
+        self.store = store
+        self._system: SystemAccount | None = None
+        self._known: dict[str, StreamTrigger] = {}
+        self._follower: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+
+    @property
+    def system(self) -> SystemAccount:
+        """The system-account connection (open while the carrier is entered)."""
+        if self._system is None:
+            raise RuntimeError("AccountsCarrier used outside `async with`")
+        return self._system
+
+    async def __aenter__(self) -> AccountsCarrier:
+        self._system = await SystemAccount.open(self.settings)
+        ready = asyncio.Event()
+        self._follower = asyncio.create_task(self._follow(ready), name="accounts-follower")
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait({waiter, self._follower}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.is_set():
+            waiter.cancel()
+            await self.__aexit__()
+            raise RuntimeError("the accounts follower stopped before the start-up reconciliation")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
+        if self._follower is not None:
+            # nats-py swallows a cancellation that lands in a publish: cancel until it is done.
+            while not self._follower.done():
+                self._follower.cancel()
+                await asyncio.wait({self._follower}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                self._follower.result()
+        if self._system is not None:
+            await self._system.close()
+            self._system = None
+
+    # --- the Carrier protocol ----------------------------------------------------------------
+
+    async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
+        """Push the export, then the import; return once the servers applied both."""
+        await self._ensure(key, trigger, always_push=True)
+
+    async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
+        """Push the JWTs without the import, then without the export; return once applied."""
+        await self._remove(key, trigger, always_push=True)
+
+    # --- pairs -------------------------------------------------------------------------------
+
+    async def _ensure(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
+        source, target = c.accounts_of(split_key(key)[0], trigger)
+        self._check_account(source, "the caller's account (token claim `account`)", "$")
+        self._check_account(target, "`target.account`", "$.target.account")
+        export = c.Entry(trigger.created_at, c.export_of(trigger))
+        imported = c.Entry(trigger.created_at, c.import_of(source, trigger))
+        done: list[str] = []
+        try:
+            if source == target:
+                await self._update(
+                    source,
+                    lambda r: r.put("exports", key, export) | r.put("imports", key, imported),
+                    always_push,
+                )
+            else:
+                await self._update(source, lambda r: r.put("exports", key, export), always_push)
+                done.append(source)
+                await self._update(target, lambda r: r.put("imports", key, imported), always_push)
+        except Exception:
+            for account in done:  # leave no half pair behind
+                try:
+                    await self._update(account, _dropper(key, trigger.created_at), always_push, create=False)
+                except Exception:
+                    _log.exception("could not roll back an export", key=key, account=account)
+            raise
+
+    async def _remove(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
+        source, target = c.accounts_of(split_key(key)[0], trigger)
+        drop = _dropper(key, trigger.created_at)
+        if target != source:
+            await self._update(target, drop, always_push, create=False)  # the import first
+        await self._update(source, drop, always_push, create=False)
+
+    def _check_account(self, account: str, what: str, where: str) -> None:
+        if not jwt.is_account_key(account):
+            raise BadRequest(
+                f"{what} must be a NATS account public key in accounts mode, not {account!r} - at `{where}`"
+            )
+        if account == self.system.system_account:
+            raise BadRequest(f"{what} may not be the system account - at `{where}`")
+
+    # --- one account's record: compare-and-set, then push --------------------------------------
+
+    async def _update(
+        self, account: str, mutate: Mutation, always_push: bool, *, create: bool = True
+    ) -> None:
+        """Apply `mutate` to the account's record at its last revision, sign, store, push.
+
+        Without a record yet, one is made from the account's current JWT when `create`, else
+        there is nothing to change.
+        """
+        key = c.record_key(account)
+        async with self._locks[account]:  # writers of one replica take turns; replicas race by CAS
+            await self._update_locked(account, key, mutate, always_push, create)
+
+    async def _update_locked(
+        self, account: str, key: str, mutate: Mutation, always_push: bool, create: bool
+    ) -> None:
+        for attempt in range(_ATTEMPTS):
+            raw, revision = await self.store.get_raw(key)
+            if not raw and not create:
+                return
+            record = c.decode_record(raw) if raw else await self._adopt(account)
+            if not mutate(record):
+                if always_push and record.jwt:
+                    await self._push_latest(key, record.jwt, revision)
+                return
+            record.iat = max(int(time.time()), record.iat + 1)  # servers keep the newest iat in sync
+            record.jwt = self.system.sign(c.compose(record))
+            written = await self.store.put_raw(key, c.encode_record(record), revision)
+            if written is not None:
+                await self._push_latest(key, record.jwt, written)
+                return
+            await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))  # lost the race: again
+        raise Unavailable(f"too many concurrent changes to account {account}; try again")
+
+    async def _adopt(self, account: str) -> c.AccountRecord:
+        """A new record for an account, from the JWT the servers hold for it now."""
+        token = await self.system.lookup(account)
+        if token is None:
+            raise BadRequest(f"NATS knows no account {account}")
+        claims = jwt.decode(token)
+        return c.AccountRecord(account=account, base=c.base_of(claims), iat=int(claims.get("iat", 0)))
+
+    async def _push_latest(self, key: str, token: str, revision: int) -> None:
+        """Push `token`, then whatever newer JWT the record got meanwhile, until it holds still."""
+        while True:
+            await self.system.push(token)
+            raw, current = await self.store.get_raw(key)
+            if raw is None or current == revision:
+                return
+            token, revision = c.decode_record(raw).jwt, current
+
+    # --- reconciliation --------------------------------------------------------------------
+
+    async def _follow(self, ready: asyncio.Event) -> None:
+        """Keep every account's JWT in line with the live triggers, in this and every replica."""
+
+        async def on_ready() -> None:
+            await self._reconcile()
+            ready.set()
+
+        while not self._stopping:
+            try:
+                async for change in self.store.follow(STREAM_KEYS, on_ready=on_ready):
+                    if self._stopping:
+                        return
+                    await self._apply(change.key, change.record, ready.is_set())
+            except Exception:
+                if self._stopping or not ready.is_set():
+                    raise
+                _log.exception("lost the bucket watch; following it again")
+                await asyncio.sleep(1)
+
+    async def _apply(self, key: str, record: object, ready: bool) -> None:
+        """Bring the JWTs in line with one change of a trigger record."""
+        previous = self._known.pop(key, None)
+        try:
+            if isinstance(record, StreamTrigger):
+                self._known[key] = record
+                if ready:
+                    if previous is not None and previous.created_at != record.created_at:
+                        await self._remove(key, previous, always_push=False)
+                    await self._ensure(key, record, always_push=False)
+            elif previous is not None:
+                await self._remove(key, previous, always_push=False)
+        except Exception as exc:  # the request that made the change reports its own failure
+            _log.info("follower could not apply a change", key=key, error=str(exc))
+
+    async def _reconcile(self) -> None:
+        """At start: drop entries of triggers that are gone, add missing ones, re-push every JWT.
+
+        A restarted nats-server may hold only its preloaded JWTs: the re-push brings the current ones.
+        """
+        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
+            raw, _ = await self.store.get_raw(record_key)
+            if not raw:
+                continue
+            record = c.decode_record(raw)
+            stale = {
+                (kind, key, entry.created_at)
+                for kind in ("exports", "imports")
+                for key, entry in getattr(record, kind).items()
+                if key not in self._known or self._known[key].created_at != entry.created_at
+            }
+            if stale:
+                await self._guarded(record.account, lambda r, s=stale: _drop_all(r, s))  # type: ignore[misc]
+        for key, trigger in list(self._known.items()):
+            try:
+                await self._ensure(key, trigger, always_push=False)
+            except Exception as exc:
+                _log.warning("live trigger could not be carried", key=key, error=str(exc))
+        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
+            raw, revision = await self.store.get_raw(record_key)
+            if raw:
+                with contextlib.suppress(Exception):
+                    await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
+
+    async def _guarded(self, account: str, mutate: Mutation) -> None:
+        try:
+            await self._update(account, mutate, always_push=False)
+        except Exception as exc:
+            _log.warning("could not reconcile an account", account=account, error=str(exc))
+
+
+def _dropper(key: str, created_at: str) -> Mutation:
+    return lambda r: r.drop("imports", key, created_at) | r.drop("exports", key, created_at)
+
+
+def _drop_all(record: c.AccountRecord, stale: set[tuple[str, str, str]]) -> bool:
+    changed = False
+    for kind, key, created_at in stale:
+        changed |= record.drop(kind, key, created_at)
+    return changed

@@ -1,0 +1,182 @@
+"""An account's claims as the service keeps them: the account's own claims plus the triggers' entries.
+
+Each account touched by a stream trigger has one record in the bucket (key `=claims.<account>`):
+the claims the account had before the service changed it (`base`), the export or import each
+trigger needs, keyed by the trigger's KV key, and the JWT last signed from them. Entries are
+keyed per trigger, so concurrent changes for different triggers commute, and an export stays
+while any trigger still needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+
+from schemas.triggers import StreamTrigger
+from service.errors import Conflict
+
+RECORD_PREFIX = "=claims."
+
+
+def record_key(account: str) -> str:
+    """The bucket key of an account's claims record (`=` keeps it apart from trigger keys)."""
+    return RECORD_PREFIX + account
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """The export or import one trigger needs; `created_at` tells incarnations of a key apart."""
+
+    created_at: str
+    claim: dict[str, Any]
+
+
+class AccountRecord(msgspec.Struct, kw_only=True):
+    """One account's claims as the service keeps them."""
+
+    account: str
+    base: dict[str, Any]
+    exports: dict[str, Entry] = msgspec.field(default_factory=dict)
+    imports: dict[str, Entry] = msgspec.field(default_factory=dict)
+    iat: int = 0
+    jwt: str = ""
+
+    def put(self, kind: str, key: str, entry: Entry) -> bool:
+        """Set the `kind` ("exports" or "imports") entry of a trigger; True when that changed anything."""
+        entries: dict[str, Entry] = getattr(self, kind)
+        if entries.get(key) == entry:
+            return False
+        entries[key] = entry
+        return True
+
+    def drop(self, kind: str, key: str, created_at: str) -> bool:
+        """Remove a trigger's entry if it belongs to that incarnation; True when it did."""
+        entries: dict[str, Entry] = getattr(self, kind)
+        if key in entries and entries[key].created_at == created_at:
+            del entries[key]
+            return True
+        return False
+
+
+encode_record = msgspec.json.Encoder().encode
+decode_record = msgspec.json.Decoder(AccountRecord).decode
+
+
+def base_of(claims: dict[str, Any]) -> dict[str, Any]:
+    """An account JWT's claims without what every signing sets anew (`jti`, `iat`, `iss`)."""
+    return {k: v for k, v in claims.items() if k not in ("jti", "iat", "iss")}
+
+
+def accounts_of(source_account: str, trigger: StreamTrigger) -> tuple[str, str]:
+    """(source account, target account) of a trigger stored under `source_account`."""
+    return source_account, trigger.target.account or source_account
+
+
+def export_of(trigger: StreamTrigger) -> dict[str, Any]:
+    """The export a trigger needs in its source account."""
+    source = trigger.source
+    claim: dict[str, Any] = {"subject": source.subject, "type": source.kind}
+    if source.kind == "service":  # nats-server refuses response_type on stream exports
+        claim["response_type"] = source.response_type or "Singleton"
+        if source.allow_trace:
+            claim["allow_trace"] = True
+    optional = {
+        "name": source.name,
+        "description": source.description,
+        "info_url": source.info_url,
+        "advertise": source.advertise or None,
+    }
+    claim.update({k: v for k, v in optional.items() if v is not None})
+    return claim
+
+
+def import_of(source_account: str, trigger: StreamTrigger) -> dict[str, Any]:
+    """The import a trigger needs in its target account: S of the source account, seen locally as D."""
+    source, target = trigger.source, trigger.target
+    destination = target.local_subject or target.subject or source.subject
+    claim: dict[str, Any] = {"subject": source.subject, "account": source_account, "type": source.kind}
+    if destination != source.subject:
+        # `local_subject` is where stream messages appear, and where service requests are sent;
+        # its `*` map positionally onto those of `subject`.
+        claim["local_subject"] = destination
+    if target.name is not None:
+        claim["name"] = target.name
+    if source.kind == "service" and target.share:  # nats-server refuses share on stream imports
+        claim["share"] = True
+    if source.kind == "stream" and target.allow_trace:
+        claim["allow_trace"] = True
+    return claim
+
+
+def compose(record: AccountRecord) -> dict[str, Any]:
+    """The account's claims: its own, plus every trigger's export and import (Conflict when they clash)."""
+    claims = copy.deepcopy(record.base)
+    nats = claims.setdefault("nats", {})
+    exports = _merge_exports(
+        list(nats.get("exports") or []), [record.exports[k].claim for k in sorted(record.exports)]
+    )
+    imports = list(nats.get("imports") or []) + [record.imports[k].claim for k in sorted(record.imports)]
+    _check_service_imports(imports)
+    for field, values in (("exports", exports), ("imports", imports)):
+        if values:
+            nats[field] = values
+        else:
+            nats.pop(field, None)
+    claims["iat"] = record.iat
+    return claims
+
+
+def _merge_exports(own: list[dict[str, Any]], needed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Own exports plus the needed ones, an export inside another of its type being covered by it.
+
+    nats-server refuses an account whose exports of one type contain one another.
+    """
+    merged = list(own)
+    for export in needed:
+        same_type = [e for e in merged if e.get("type") == export["type"]]
+        cover = next((e for e in same_type if contains(e["subject"], export["subject"])), None)
+        if cover is not None:
+            if cover.get("response_type", "Singleton") != export.get("response_type", "Singleton"):
+                raise Conflict(
+                    f"subject {export['subject']!r} is already exported as a service with response type "
+                    f"{cover.get('response_type', 'Singleton')!r} - at `$.source.response_type`"
+                )
+            continue
+        inside = [e for e in same_type if contains(export["subject"], e["subject"])]
+        if any(any(e is o for o in own) for e in inside):
+            raise Conflict(
+                f"the source account already exports a subject inside {export['subject']!r} "
+                "- at `$.source.subject`"
+            )
+        merged = [e for e in merged if not any(e is i for i in inside)] + [export]
+    return merged
+
+
+def _check_service_imports(imports: list[dict[str, Any]]) -> None:
+    """nats-server refuses service imports whose local subjects overlap: say so before pushing."""
+    seen: list[str] = []
+    for claim in imports:
+        if claim.get("type") != "service":
+            continue
+        local = claim.get("to") or claim.get("local_subject") or claim["subject"]
+        for other in seen:
+            if contains(local, other) or contains(other, local):
+                raise Conflict(
+                    f"service subject {local!r} overlaps {other!r}, which the target account already "
+                    "imports - at `$.target`"
+                )
+        seen.append(local)
+
+
+def contains(outer: str, inner: str) -> bool:
+    """True when every subject matching `inner` also matches `outer`."""
+    o, i = outer.split("."), inner.split(".")
+    for n, token in enumerate(o):
+        if token == ">":
+            return len(i) > n
+        if n >= len(i) or i[n] == ">":
+            return False
+        if token != "*" and token != i[n]:
+            return False
+    return len(i) == len(o)

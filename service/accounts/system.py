@@ -1,0 +1,176 @@
+"""The system-account connection: who the trusted operator is, account lookups, and claim pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from service import log
+from service.accounts import jwt
+from service.config import Settings
+from service.errors import ApiError, BadRequest, Internal, Unavailable
+
+CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
+CLAIMS_LOOKUP = "$SYS.REQ.ACCOUNT.{}.CLAIMS.LOOKUP"
+VARZ = "$SYS.REQ.SERVER.PING.VARZ"
+PING = "$SYS.REQ.SERVER.PING"
+REPLY_WINDOW = 2.0  # seconds to wait for every server of a cluster to answer
+LOOKUP_WAIT = 0.5  # seconds to wait for a server that knows the account
+
+_log = log.get("accounts")
+
+
+class StartupError(RuntimeError):
+    """Accounts mode cannot work with this configuration; the message says why."""
+
+
+class SystemAccount:
+    """Signs account claims with the operator's key and pushes them through the system account."""
+
+    def __init__(self, nc: Client, signer: Any, window: float = REPLY_WINDOW) -> None:
+        self.nc = nc
+        self.signer = signer
+        self.window = window
+        self.trusted: frozenset[str] = frozenset()
+        self.system_account = ""
+        self.servers = 1
+
+    @classmethod
+    async def open(cls, settings: Settings) -> SystemAccount:
+        """Connect with TRIGGER_SYSTEM_CREDS, learn the trusted operator, check the signing key."""
+        from service.app import connect  # the same reconnect policy as the service's own connection
+
+        assert settings.operator_seed  # config.load checks both
+        assert settings.system_creds
+        signer = jwt.read_seed(settings.operator_seed)
+        system_settings = msgspec.structs.replace(settings, nats_creds=settings.system_creds)
+        nc = await connect(system_settings, "trigger-service-system")
+        self = cls(nc, signer)
+        try:
+            await self.discover()
+        except BaseException:
+            await nc.close()
+            raise
+        key = jwt.public_key(signer)
+        if key not in self.trusted:
+            await nc.close()
+            raise StartupError(
+                f"TRIGGER_OPERATOR_SEED: key {key} is not a key of the operator the NATS servers trust"
+            )
+        return self
+
+    async def discover(self) -> None:
+        """Ask every server for its trusted operators, and count the servers that answer."""
+        replies = await self._gather(VARZ, b"", expected=None)
+        if not replies:
+            raise StartupError(
+                "TRIGGER_SYSTEM_CREDS: no server answered on the system account "
+                "(are these the system account's credentials, and is the server in operator mode?)"
+            )
+        trusted: set[str] = set()
+        for reply in replies:
+            for operator in (reply.get("data") or {}).get("trusted_operators_claim") or []:
+                trusted.add(operator["sub"])
+                trusted.update(operator.get("nats", {}).get("signing_keys") or [])
+                self.system_account = operator.get("nats", {}).get("system_account", "")
+        self.trusted = frozenset(trusted)
+        self.servers = len(replies)
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """An account JWT of `claims`, signed with the operator's signing key."""
+        return jwt.encode(claims, self.signer)
+
+    async def lookup(self, account: str) -> str | None:
+        """The account's current JWT as the servers hold it; None when they know no such account."""
+        try:
+            msg = await self.nc.request(CLAIMS_LOOKUP.format(account), b"", timeout=LOOKUP_WAIT)
+            return msg.data.decode() or None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            pass
+        # A server with the full resolver does not answer for an account it does not know:
+        # silence means "no such account" only when the servers answer otherwise.
+        try:
+            await self.nc.request(PING, b"", timeout=self.window)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            raise Unavailable("NATS did not answer the account lookup") from None
+        return None
+
+    async def push(self, token: str) -> None:
+        """Push an account JWT to every server; return once all that answered applied it.
+
+        Raises before sending anything when the JWT is not signed by a trusted operator key:
+        nats-server answers such a push with success and ignores it.
+        """
+        try:
+            claims = jwt.verify(token, self.trusted)
+        except jwt.JwtError as exc:
+            _log.error("refused to push an account JWT", reason=str(exc))
+            raise Internal("refused to push an account JWT the trusted operator did not sign") from None
+        account = claims.get("sub")
+        replies = await self._gather(CLAIMS_UPDATE, token.encode(), expected=self.servers)
+        if not replies:
+            raise Unavailable(f"no NATS server acknowledged the update of account {account}")
+        errors = [r["error"] for r in replies if r.get("error")]
+        if errors:
+            _log.error("NATS refused an account JWT", account=account, errors=errors)
+            raise _refusal(errors[0])
+        if len(replies) < self.servers:
+            _log.warning(
+                "fewer servers acknowledged than expected",
+                account=account,
+                expected=self.servers,
+                acknowledged=len(replies),
+            )
+            self.servers = len(replies)
+
+    async def _gather(self, subject: str, data: bytes, expected: int | None) -> list[dict[str, Any]]:
+        """Replies to one request from every server: until `expected` came, or the window closed."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        replies: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window
+        try:
+            await self.nc.publish(subject, data, reply=inbox)
+            while expected is None or len(replies) < expected:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    msg = await sub.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    break
+                try:
+                    replies.append(json.loads(msg.data))
+                except ValueError:
+                    replies.append({"error": {"description": "reply is not JSON"}})
+                if expected is None:  # discovery: the first reply says how many servers to expect
+                    expected = _cluster_size(replies[0])
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    async def close(self) -> None:
+        """Close the system-account connection."""
+        await self.nc.close()
+
+
+def _cluster_size(varz_reply: dict[str, Any]) -> int:
+    data = varz_reply.get("data") or {}
+    meta = (data.get("jetstream") or {}).get("meta") or {}
+    if meta.get("cluster_size"):
+        return int(meta["cluster_size"])
+    routes = (data.get("cluster") or {}).get("urls") or []
+    return 1 + len(routes)
+
+
+def _refusal(error: dict[str, Any]) -> ApiError:
+    description = str(error.get("description", ""))
+    if "validation" in description:
+        return BadRequest(f"NATS refused the account update: {description.split(': ', 1)[-1]}")
+    return Internal("NATS refused the account update")
