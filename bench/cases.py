@@ -20,8 +20,8 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from bench import load
-from bench.procs import Stack, free_port, running, unique, wait_for
-from bench.stats import MSG_RATE, P50, P99, RATE, Metric, Row, Sample, Target
+from bench.procs import Child, Stack, free_port, running, unique, wait_for
+from bench.stats import CPU, MSG_RATE, P50, P99, RATE, Metric, Row, Sample, Target
 from schemas.triggers import (
     GatewayTrigger,
     StoredGatewayMapping,
@@ -68,12 +68,20 @@ class Bench:
         return await nats.connect(self.stack.nats_url, name=name)
 
     @contextlib.asynccontextmanager
-    async def service(self, bucket: str | None = None, profile: str | None = None) -> AsyncIterator[str]:
-        """A `python -m service` process on a fresh (or the given) bucket; yields the bucket."""
+    async def service(self, bucket: str | None = None, profile: str | None = None) -> AsyncIterator[Child]:
+        """A `python -m service` process on a fresh (or the given) bucket."""
         bucket = bucket or unique("bench")
         out = self.profile_dir / f"{profile}.txt" if profile and self.profile_dir else None
-        async with running(self.stack.service(bucket, profile=out), timeout=120):
-            yield bucket
+        async with running(self.stack.service(bucket, profile=out), timeout=120) as child:
+            yield child
+
+
+async def metered(child: Child, work: Awaitable[Sample]) -> Sample:
+    """`work`'s sample, with the CPU time that `child` used meanwhile."""
+    before = child.cpu_seconds()
+    sample = await work
+    sample.cpu_seconds = child.cpu_seconds() - before
+    return sample
 
 
 def create_body(name: str) -> bytes:
@@ -119,12 +127,12 @@ async def create_over_nats(b: Bench) -> None:
                 prefix = unique("c")
                 if side == "ours":
                     # a fresh bucket each time: the cost of a create grows with the stored stream triggers
-                    async with b.service(profile="service-create"):
-                        one, many = await _create_pair(b, CREATE, prefix)
+                    async with b.service(profile="service-create") as service:
+                        one, many = await _create_pair(b, CREATE, prefix, service)
                     ours_one.append(one)
                     ours_many.append(many)
                 else:
-                    one, many = await _create_pair(b, BASE_CREATE, prefix)
+                    one, many = await _create_pair(b, BASE_CREATE, prefix, responder)
                     base_one.append(one)
                     base_many.append(many)
     name = "minimal responder"
@@ -134,11 +142,12 @@ async def create_over_nats(b: Bench) -> None:
     _add(b.row(loaded, RATE, name, Target(ratio=0.8), note), ours_many, base_many, lambda s: s.rate)
     _add(b.row(loaded, P50, name), ours_many, base_many, lambda s: s.p50)
     _add(b.row(loaded, P99, name), ours_many, base_many, lambda s: s.p99)
+    _add(b.row(loaded, CPU, name), ours_many, base_many, lambda s: s.cpu_us)
     _add(b.row(serial, P50, name, Target(ratio=1.25), note), ours_one, base_one, lambda s: s.p50)
     _add(b.row(serial, P99, name), ours_one, base_one, lambda s: s.p99)
 
 
-async def _create_pair(b: Bench, subject: str, prefix: str) -> tuple[Sample, Sample]:
+async def _create_pair(b: Bench, subject: str, prefix: str, responder: Child) -> tuple[Sample, Sample]:
     await load.closed_loop(
         load.requester(b.nc, creates(subject, prefix + "w")), concurrency=1, seconds=0.3, max_count=50
     )
@@ -148,8 +157,11 @@ async def _create_pair(b: Bench, subject: str, prefix: str) -> tuple[Sample, Sam
         seconds=b.seconds,
         max_count=b.serial_max,
     )
-    many = await load.closed_loop(
-        load.requester(b.nc, creates(subject, prefix + "m")), concurrency=CONCURRENCY, seconds=b.seconds
+    many = await metered(
+        responder,
+        load.closed_loop(
+            load.requester(b.nc, creates(subject, prefix + "m")), concurrency=CONCURRENCY, seconds=b.seconds
+        ),
     )
     return one, many
 
@@ -161,29 +173,29 @@ async def create_with_stored(b: Bench) -> None:
     await _preload(kv, bucket, [("other", "stream", f"s{i:05d}") for i in range(STORED)])
     ours: list[Sample] = []
     base: list[Sample] = []
+    started: list[float] = []
     responder = b.stack.responder("--create", BASE_CREATE, "--bucket", unique("bench-baseline"))
-    async with running(responder), b.service(bucket, profile="service-create-10k-stored"):
+    async with running(responder), b.service(bucket, profile="service-create-10k-stored") as service:
+        started.append(service.start_seconds * 1000)
         for _ in range(b.reps):
             prefix = unique("f")
-            ours.append(
-                await load.closed_loop(
-                    load.requester(b.nc, creates(CREATE, prefix)),
+            for subject, child, samples in ((CREATE, service, ours), (BASE_CREATE, responder, base)):
+                work = load.closed_loop(
+                    load.requester(b.nc, creates(subject, prefix)),
                     concurrency=1,
                     seconds=b.seconds,
                     max_count=b.serial_max,
                 )
-            )
-            base.append(
-                await load.closed_loop(
-                    load.requester(b.nc, creates(BASE_CREATE, prefix)),
-                    concurrency=1,
-                    seconds=b.seconds,
-                    max_count=b.serial_max,
-                )
-            )
+                samples.append(await metered(child, work))
     case = f"create one at a time, {STORED:,} stream triggers stored"
     _add(b.row(case, P50, "minimal responder", Target(ratio=1.25)), ours, base, lambda s: s.p50)
     _add(b.row(case, RATE, "minimal responder"), ours, base, lambda s: s.rate)
+    _add(b.row(case, CPU, "minimal responder"), ours, base, lambda s: s.cpu_us)
+    b.row(
+        f"service start, {STORED:,} stream triggers stored",
+        Metric("start", "ms", False),
+        note="spawn to answering $SRV.INFO; includes the Python start-up",
+    ).ours = started
 
 
 async def get_and_list(b: Bench) -> None:
@@ -219,7 +231,7 @@ async def get_and_list(b: Bench) -> None:
         return found == MATCHING
 
     samples: dict[str, list[Sample]] = {k: [] for k in ("get1", "get64", "rget1", "rget64", "list", "watch")}
-    async with b.service(bucket, profile="service-get-list"):
+    async with b.service(bucket, profile="service-get-list") as service:
         ours_get = load.requester(b.nc, get_request)
         await load.closed_loop(ours_get, concurrency=1, seconds=0.2, max_count=50)
         await load.closed_loop(list_call, concurrency=1, seconds=0.2, max_count=2)
@@ -231,15 +243,18 @@ async def get_and_list(b: Bench) -> None:
                 await load.closed_loop(raw_get, concurrency=1, seconds=b.seconds / 2, max_count=b.serial_max)
             )
             samples["get64"].append(
-                await load.closed_loop(ours_get, concurrency=CONCURRENCY, seconds=b.seconds)
+                await metered(service, load.closed_loop(ours_get, concurrency=CONCURRENCY, seconds=b.seconds))
             )
             samples["rget64"].append(
                 await load.closed_loop(raw_get, concurrency=CONCURRENCY, seconds=b.seconds)
             )
-            samples["list"].append(await load.closed_loop(list_call, concurrency=1, seconds=b.seconds))
+            samples["list"].append(
+                await metered(service, load.closed_loop(list_call, concurrency=1, seconds=b.seconds))
+            )
             samples["watch"].append(await load.closed_loop(raw_watch, concurrency=1, seconds=b.seconds))
     get64, get1 = f"get over NATS, {CONCURRENCY} in flight", "get over NATS, one at a time"
     _add(b.row(get64, RATE, "raw kv.get"), samples["get64"], samples["rget64"], lambda s: s.rate)
+    _add(b.row(get64, CPU, note="the service's CPU"), samples["get64"], [], lambda s: s.cpu_us)
     _add(b.row(get1, P50, "raw kv.get"), samples["get1"], samples["rget1"], lambda s: s.p50)
     _add(b.row(get1, P99, "raw kv.get"), samples["get1"], samples["rget1"], lambda s: s.p99)
     lst = f"list {MATCHING:,} of {STORED:,} triggers, one at a time"
@@ -306,11 +321,20 @@ def _sidecar_missing() -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def _sidecar(b: Bench, bucket: str, profile: str | None = None) -> AsyncIterator[str]:
-    port = free_port()
+async def _sidecar(b: Bench, bucket: str, profile: str | None = None) -> AsyncIterator[Child]:
     out = b.profile_dir / f"{profile}.txt" if profile and b.profile_dir else None
-    async with running(b.stack.sidecar(bucket, port, profile=out), timeout=60):
-        yield f"http://127.0.0.1:{port}"
+    async with running(b.stack.sidecar(bucket, free_port(), profile=out), timeout=60) as child:
+        yield child
+
+
+async def _wrk(
+    b: Bench, child: Child, method: str, path: str, kind: str = "plain", prefix: str = ""
+) -> Sample:
+    """HTTP load on `child` with CONCURRENCY connections, with the CPU that `child` used."""
+    work = b.http.run(
+        child.url, method, path, kind=kind, prefix=prefix, connections=CONCURRENCY, seconds=b.seconds
+    )
+    return await metered(child, work)
 
 
 async def create_over_http(b: Bench) -> None:
@@ -321,55 +345,38 @@ async def create_over_http(b: Bench) -> None:
         b.skip(case, missing)
         return
     bucket = unique("bench-http")
-    forwarder_port = free_port()
-    forwarder = b.stack.forwarder(forwarder_port, ("POST", "/trigger/stream", CREATE))
-    sidecar_s: list[Sample] = []
-    forwarder_s: list[Sample] = []
-    nats_s: list[Sample] = []
-    async with _sidecar(b, bucket, profile="sidecar-create") as sidecar_url, running(forwarder):
-        forwarder_url = f"http://127.0.0.1:{forwarder_port}"
+    forwarder = b.stack.forwarder(free_port(), ("POST", "/trigger/stream", CREATE))
+    samples: dict[str, list[Sample]] = {"sidecar": [], "forwarder": [], "nats": []}
+    async with _sidecar(b, bucket, profile="sidecar-create") as sidecar, running(forwarder):
         async with b.service(bucket):
-            status = await load.http_status(
-                f"{sidecar_url}/trigger/stream", "POST", create_body(unique("probe"))
-            )
+            status = await load.http_status(f"{sidecar.url}/trigger/stream", "POST", create_body(unique("p")))
         if status != 201:
             b.skip(case, f"not available yet: POST /trigger/stream on the sidecar answered {status}, not 201")
             return
+        order = list(samples)
         for rep in range(b.reps):
-            order = ["sidecar", "forwarder", "nats"]
             for side in order[rep % 3 :] + order[: rep % 3]:
                 prefix = unique("h")
                 async with b.service():  # a fresh bucket for each run, as in the NATS create case
                     if side == "nats":
-                        nats_s.append(
-                            await load.closed_loop(
-                                load.requester(b.nc, creates(CREATE, prefix)),
-                                concurrency=CONCURRENCY,
-                                seconds=b.seconds,
-                            )
-                        )
-                        continue
-                    url = sidecar_url if side == "sidecar" else forwarder_url
-                    sample = await b.http.run(
-                        url,
-                        "POST",
-                        "/trigger/stream",
-                        kind="create-stream",
-                        prefix=prefix,
-                        connections=CONCURRENCY,
-                        seconds=b.seconds,
-                    )
-                    (sidecar_s if side == "sidecar" else forwarder_s).append(sample)
-    note = f"{b.http.tool}; fresh bucket per run"
+                        call = load.requester(b.nc, creates(CREATE, prefix))
+                        sample = await load.closed_loop(call, concurrency=CONCURRENCY, seconds=b.seconds)
+                    else:
+                        child = sidecar if side == "sidecar" else forwarder
+                        sample = await _wrk(b, child, "POST", "/trigger/stream", "create-stream", prefix)
+                samples[side].append(sample)
+    ours, base = samples["sidecar"], samples["forwarder"]
+    fwd = "minimal forwarder"
     _add(
-        b.row(case, RATE, "minimal forwarder", Target(ratio=0.8), note),
-        sidecar_s,
-        forwarder_s,
+        b.row(case, RATE, fwd, Target(ratio=0.8), f"{b.http.tool}; fresh bucket per run"),
+        ours,
+        base,
         lambda s: s.rate,
     )
-    _add(b.row(case, P50, "minimal forwarder"), sidecar_s, forwarder_s, lambda s: s.p50)
-    _add(b.row(case, P99, "minimal forwarder"), sidecar_s, forwarder_s, lambda s: s.p99)
-    _add(b.row(case, RATE, "create over NATS directly"), sidecar_s, nats_s, lambda s: s.rate)
+    _add(b.row(case, P50, fwd), ours, base, lambda s: s.p50)
+    _add(b.row(case, P99, fwd), ours, base, lambda s: s.p99)
+    _add(b.row(case, CPU, fwd, note="the HTTP process's CPU"), ours, base, lambda s: s.cpu_us)
+    _add(b.row(case, RATE, "create over NATS directly"), ours, samples["nats"], lambda s: s.rate)
 
 
 async def gateway_request(b: Bench) -> None:
@@ -386,66 +393,37 @@ async def gateway_request(b: Bench) -> None:
         "trigger_type": "gateway",
         "gateway_mapping": {"method": "GET", "path": path, "is_public": True},
     }
-    async with b.service(bucket), _sidecar(b, bucket, profile="sidecar-gateway") as sidecar_url:
-        reply = msgspec.json.decode(
-            (await b.nc.request(f"{PREFIX}.create.gateway", msgspec.json.encode(body), timeout=10)).data
-        )
+    samples: dict[str, list[Sample]] = {"sidecar": [], "forwarder": [], "nats": []}
+    async with b.service(bucket), _sidecar(b, bucket, profile="sidecar-gateway") as sidecar:
+        msg = await b.nc.request(f"{PREFIX}.create.gateway", msgspec.json.encode(body), timeout=10)
+        reply = msgspec.json.decode(msg.data)
         if reply.get("status_code") != 201:
             b.skip(case, f"create gateway answered {reply}")
             return
         subject = reply["body"]["gateway_mapping_subject"]
-        forwarder_port = free_port()
-        async with (
-            running(b.stack.responder("--echo", subject)),
-            running(b.stack.forwarder(forwarder_port, ("GET", path, subject))),
-        ):
+        forwarder = b.stack.forwarder(free_port(), ("GET", path, subject))
+        async with running(b.stack.responder("--echo", subject)), running(forwarder):
 
             async def served() -> bool:
-                return await load.http_status(sidecar_url + path) == 200
+                return await load.http_status(sidecar.url + path) == 200
 
             if not await wait_for(served, 3.0, 0.05):
-                status = await load.http_status(sidecar_url + path)
+                status = await load.http_status(sidecar.url + path)
                 b.skip(case, f"not available yet: the sidecar answers {status} on a gateway trigger's route")
                 return
-            sidecar_s: list[Sample] = []
-            forwarder_s: list[Sample] = []
-            nats_s: list[Sample] = []
-            forwarder_url = f"http://127.0.0.1:{forwarder_port}"
+            direct = load.requester(b.nc, lambda _: (subject, b""))
             for _ in range(b.reps):
-                sidecar_s.append(
-                    await b.http.run(
-                        sidecar_url,
-                        "GET",
-                        path,
-                        kind="plain",
-                        prefix="",
-                        connections=CONCURRENCY,
-                        seconds=b.seconds,
-                    )
+                samples["sidecar"].append(await _wrk(b, sidecar, "GET", path))
+                samples["forwarder"].append(await _wrk(b, forwarder, "GET", path))
+                samples["nats"].append(
+                    await load.closed_loop(direct, concurrency=CONCURRENCY, seconds=b.seconds)
                 )
-                forwarder_s.append(
-                    await b.http.run(
-                        forwarder_url,
-                        "GET",
-                        path,
-                        kind="plain",
-                        prefix="",
-                        connections=CONCURRENCY,
-                        seconds=b.seconds,
-                    )
-                )
-                nats_s.append(
-                    await load.closed_loop(
-                        load.requester(b.nc, lambda _: (subject, b"")),
-                        concurrency=CONCURRENCY,
-                        seconds=b.seconds,
-                    )
-                )
-    note = b.http.tool
-    _add(b.row(case, RATE, "direct NATS request", note=note), sidecar_s, nats_s, lambda s: s.rate)
-    _add(b.row(case, P50, "direct NATS request"), sidecar_s, nats_s, lambda s: s.p50)
-    _add(b.row(case, P99, "direct NATS request"), sidecar_s, nats_s, lambda s: s.p99)
-    _add(b.row(case, RATE, "minimal forwarder", Target(ratio=0.8)), sidecar_s, forwarder_s, lambda s: s.rate)
+    ours, fwd, nats_s = samples["sidecar"], samples["forwarder"], samples["nats"]
+    _add(b.row(case, RATE, "direct NATS request", note=b.http.tool), ours, nats_s, lambda s: s.rate)
+    _add(b.row(case, P50, "direct NATS request"), ours, nats_s, lambda s: s.p50)
+    _add(b.row(case, P99, "direct NATS request"), ours, nats_s, lambda s: s.p99)
+    _add(b.row(case, RATE, "minimal forwarder", Target(ratio=0.8)), ours, fwd, lambda s: s.rate)
+    _add(b.row(case, CPU, "minimal forwarder", note="the HTTP process's CPU"), ours, fwd, lambda s: s.cpu_us)
 
 
 # --- stream routes ---------------------------------------------------------------------------
@@ -576,7 +554,7 @@ async def stream_route(b: Bench) -> None:
     case = "stream route (single account)"
     pub, sub = await b.connect("bench-pub"), await b.connect("bench-sub")
     try:
-        async with b.service(profile="service-stream-route"):
+        async with b.service(profile="service-stream-route") as service:
             missing = await _route_missing(b, pub, sub)
             if missing:
                 b.skip(case, missing)
@@ -591,7 +569,7 @@ async def stream_route(b: Bench) -> None:
             pings: tuple[list[Sample], list[Sample]] = ([], [])
             await _flow(pub, sub, source, target, 2_000)  # warm-up
             for _ in range(b.reps):
-                flows[0].append(await _flow(pub, sub, source, target, count))
+                flows[0].append(await metered(service, _flow(pub, sub, source, target, count)))
                 flows[1].append(await _flow(pub, sub, direct, direct, count))
                 pings[0].append(await _ping(pub, sub, source, target, b.serial_max, b.seconds / 2))
                 pings[1].append(await _ping(pub, sub, direct, direct, b.serial_max, b.seconds / 2))
@@ -604,6 +582,7 @@ async def stream_route(b: Bench) -> None:
         *flows,
         lambda s: s.rate,
     )
+    _add(b.row(case, CPU, note="the service's CPU per carried message"), flows[0], [], lambda s: s.cpu_us)
     _add(b.row(f"{case}, one message at a time", P50, base), *pings, lambda s: s.p50)
     _add(b.row(f"{case}, one message at a time", P99, base), *pings, lambda s: s.p99)
 
@@ -698,7 +677,7 @@ async def _gateway_activation(b: Bench) -> None:
         return
     bucket = unique("bench-gwact")
     worst: list[float] = []
-    async with b.service(bucket), _sidecar(b, bucket) as url, aiohttp.ClientSession(url) as http:
+    async with b.service(bucket), _sidecar(b, bucket) as sidecar, aiohttp.ClientSession(sidecar.url) as http:
 
         async def served(path: str) -> bool:
             async with http.get(path) as resp:

@@ -20,6 +20,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bench import profiling
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 PY = sys.executable
@@ -60,6 +62,9 @@ class Child:
     ready_line: str | None = None  # a regex expected in the log, else `ready_port` accepting
     ready_port: int | None = None
     ready_check: Callable[[], Awaitable[bool]] | None = None
+    url: str = ""  # where an HTTP child listens
+    start_seconds: float = field(default=0.0, init=False)  # from spawn to ready
+    profiler: profiling.Profiler | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _offset: int = field(default=0, init=False)
 
@@ -70,11 +75,12 @@ class Child:
 
     async def start(self, timeout: float = 30.0) -> Child:
         """Start the process and wait until it is ready."""
+        argv = self.profiler.wrap(self.argv) if self.profiler else self.argv
         env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 cwd=ROOT,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -82,7 +88,8 @@ class Child:
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
+        spawned = time.monotonic()
+        deadline = spawned + timeout
         pattern = re.compile(self.ready_line) if self.ready_line else None
         while not await self._ready(pattern):
             if self.proc.returncode is not None or time.monotonic() > deadline:
@@ -90,6 +97,9 @@ class Child:
                 await self.stop()
                 raise ChildFailed(f"{self.name} did not start:\n{tail}")
             await asyncio.sleep(0.02)
+        self.start_seconds = time.monotonic() - spawned
+        if self.profiler:
+            await self.profiler.started(self.proc.pid)
         return self
 
     async def _ready(self, pattern: re.Pattern[str] | None) -> bool:
@@ -110,6 +120,16 @@ class Child:
             return True
         return True
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the process has used so far; 0 when it is not running."""
+        if self.proc is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tail(self, lines: int = 20) -> str:
         """The last lines of the child's log."""
         try:
@@ -120,6 +140,8 @@ class Child:
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (the child drains), then SIGKILL when it does not exit in time."""
         proc = self.proc
+        if self.profiler:
+            await self.profiler.stopping()
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -166,10 +188,10 @@ class Stack:
     def service(self, bucket: str, name: str = "service", profile: Path | None = None) -> Child:
         """`python -m service` on `bucket` (BENCH_SERVICE_ARGV, split on spaces, runs another command)."""
         target = os.environ.get("BENCH_SERVICE_ARGV", "-m service").split()
-        argv = [PY, *target]
-        if profile is not None:
-            argv = _profiled(profile, target)
-        return Child(name, argv, self.service_env(bucket), self.log_dir, ready_check=self._serving(bucket))
+        child = Child(
+            name, [PY, *target], self.service_env(bucket), self.log_dir, ready_check=self._serving(bucket)
+        )
+        return profiling.attach(child, profile) if profile else child
 
     def _serving(self, bucket: str) -> Callable[[], Awaitable[bool]]:
         """True once a service on `bucket` answers `$SRV.INFO` (every replica's answer is read)."""
@@ -180,8 +202,9 @@ class Stack:
             found = asyncio.Event()
 
             async def on_info(msg: Msg) -> None:
-                if msgspec.json.decode(msg.data).get("metadata", {}).get("bucket") == bucket:
-                    found.set()
+                with contextlib.suppress(msgspec.DecodeError, AttributeError):  # e.g. a no-responders status
+                    if msgspec.json.decode(msg.data).get("metadata", {}).get("bucket") == bucket:
+                        found.set()
 
             subscription = await self.nc.subscribe(inbox, cb=on_info)
             try:
@@ -197,10 +220,9 @@ class Stack:
     def sidecar(self, bucket: str, port: int, profile: Path | None = None) -> Child:
         """`trigger-gateway` on `bucket`, serving HTTP on `port`."""
         argv = console_script("trigger-gateway", "from service.cli import gateway_main; gateway_main()")
-        if profile is not None:
-            argv = _profiled(profile, ["-c", "from service.cli import gateway_main; gateway_main()"])
         env = self.service_env(bucket, TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}")
-        return Child("sidecar", argv, env, self.log_dir, ready_port=port)
+        child = Child("sidecar", argv, env, self.log_dir, ready_port=port, url=f"http://127.0.0.1:{port}")
+        return profiling.attach(child, profile) if profile else child
 
     def responder(self, *args: str) -> Child:
         """The baseline responder (`bench/baseline_responder.py`)."""
@@ -212,21 +234,9 @@ class Stack:
         argv = [PY, str(BENCH / "baseline_forwarder.py"), "--nats", self.nats_url, "--port", str(port)]
         for method, path, subject in routes:
             argv += ["--route", method, path, subject]
-        return Child("baseline-forwarder", argv, {}, self.log_dir, ready_port=port)
-
-
-def _profiled(output: Path, target: list[str]) -> list[str]:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return [
-        PY,
-        "-m",
-        "pyinstrument",
-        "--renderer",
-        "session",
-        "--outfile",
-        str(output.with_suffix(".pyisession")),
-        *target,
-    ]
+        return Child(
+            "baseline-forwarder", argv, {}, self.log_dir, ready_port=port, url=f"http://127.0.0.1:{port}"
+        )
 
 
 def which(name: str) -> str | None:

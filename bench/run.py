@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nats
 
-from bench import load
+from bench import load, profiling
 from bench.cases import CASES, Bench
 from bench.procs import BENCH, ROOT, Stack
 from bench.stats import Metric, Row, markdown, plain
@@ -125,17 +125,6 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     return bench.rows
 
 
-def render_profiles() -> None:
-    """Render every saved pyinstrument session of bench/profiles/ as text beside it."""
-    for session in sorted((BENCH / "profiles").glob("*.pyisession")):
-        text = session.with_suffix(".txt")
-        subprocess.run(
-            [sys.executable, "-m", "pyinstrument", "--load", str(session), "-r", "text", "-o", str(text)],
-            check=False,
-        )
-        print(f"profile: {text.relative_to(ROOT)}")
-
-
 def report(rows: list[Row], header: list[tuple[str, str]]) -> str:
     """The generated block of RESULTS.md."""
     lines = [
@@ -205,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         ("duration", f"{(datetime.now(UTC) - started).total_seconds():.0f} s"),
     ]
     if args.profile:
-        render_profiles()
+        for text in profiling.render(BENCH / "profiles"):
+            print(f"profile: {text.relative_to(ROOT)}")
     print()
     for key, value in header:
         print(f"{key}: {value}")

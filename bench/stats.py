@@ -24,6 +24,12 @@ class Sample:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     reported: tuple[float, float] | None = None  # (p50, p99) from a tool that gives only percentiles
+    cpu_seconds: float = 0.0  # CPU time the process under test used meanwhile
+
+    @property
+    def cpu_us(self) -> float:
+        """CPU microseconds of the process under test per successful operation."""
+        return self.cpu_seconds * 1e6 / self.ok if self.ok else 0.0
 
     @property
     def rate(self) -> float:
@@ -58,6 +64,7 @@ RATE = Metric("throughput", "/s", True)
 P50 = Metric("p50", "ms", False)
 P99 = Metric("p99", "ms", False)
 MSG_RATE = Metric("messages", "msg/s", True)
+CPU = Metric("CPU per op", "us", False)
 
 
 @dataclass(frozen=True)
