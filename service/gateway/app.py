@@ -25,6 +25,7 @@ from service.store import TriggerStore
 _log = log.get("gateway")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _ENTITY_HEADERS = ("content-type", "content-length")
+MAX_REQUEST_LINE = 64 * 1024
 # The envelope kind of the statuses aiohttp itself may raise.
 _KINDS = {cls.status: cls.kind for cls in ApiError.__subclasses__()}
 
@@ -47,7 +48,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
         app = build_app(settings, TriggerApi(settings, nc), routes, max(MAX_BODY, nc.max_payload))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A documented query (subject pattern and cursor of 1,024 characters each, percent-encoded
+        # UTF-8) can be 25 KB long: the request line limit must hold it.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=MAX_REQUEST_LINE)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = settings.http_addr.rsplit(":", 1)
