@@ -1,6 +1,10 @@
 """HTTP fixtures: the sidecar in-process on a free port, an HTTP client, and a request helper.
 
-Import the fixtures into a test module: `from tests.http_fixtures import gateway_url, http  # noqa: F401`.
+Use the fixtures in a test module by binding them there (pytest finds fixtures by module name,
+and a plain import would trip ruff's F811 on every test that takes them as arguments):
+
+    from tests import http_fixtures
+    gateway_url, http = http_fixtures.gateway_url, http_fixtures.http
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class HttpReply:
 
     @property
     def body(self) -> Any:
+        """The envelope's `body`, if any."""
         return self.envelope.get("body") if isinstance(self.envelope, dict) else None
 
 

@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from schemas.openapi import document
+from service.routing import OPERATIONS
 from tests import http_fixtures
 from tests.support import token
 
@@ -76,3 +77,37 @@ async def test_served_document_holds_for_generated_requests(
 
     # requests is synchronous: run it in a thread while this event loop serves the sidecar.
     await asyncio.to_thread(run)
+
+
+def test_document_covers_every_operation_with_schemas_errors_and_security() -> None:
+    """Every route of the table: its request, its success reply, the error envelope; bearer security."""
+    schemas = DOCUMENT["components"]["schemas"]
+    for op in OPERATIONS:
+        operation = DOCUMENT["paths"][op.http_path][op.http_method.lower()]
+        assert operation["x-nats-subject"] == f"ms.trigger.{op.subject}"
+        success = operation["responses"][str(op.success)]["content"]["application/json"]["schema"]
+        assert success == {"$ref": f"#/components/schemas/{op.reply.__name__}"}
+        for code in ("400", "401", "413", "500", "503", "504"):
+            assert code in operation["responses"], (op.name, code)
+        if op.http_method == "POST":
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert body == {"$ref": f"#/components/schemas/{op.request.__name__}"}
+        assert "security" not in operation, "the document-wide bearer requirement applies"
+    assert DOCUMENT["security"] == [{"bearerAuth": []}]
+    assert DOCUMENT["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    error = DOCUMENT["components"]["responses"]["BadRequest"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorReply"}
+    assert set(schemas["ErrorReply"]["required"]) == {"error", "status_code"}
+    assert set(_refs(DOCUMENT)) <= {
+        f"#/components/{kind}/{name}"
+        for kind in ("schemas", "responses")
+        for name in DOCUMENT["components"][kind]
+    }
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [ref for key, value in node.items() for ref in ([value] if key == "$ref" else _refs(value))]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
