@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from service import config
 from service.accounts import bootstrap, claims, jwt
 from service.accounts.system import CLAIMS_UPDATE, SystemAccount
 from service.app import running
@@ -36,14 +40,17 @@ class Operator:
     server: NatsServer
     root: Path
 
-    def settings(self, **env: Any) -> Settings:
-        accounts_mode = {
+    def settings_env(self, **env: Any) -> dict[str, Any]:
+        return {
             "NATS_CREDS": self.dev.service.creds,
             "TRIGGER_ROUTING": "accounts",
             "TRIGGER_OPERATOR_SEED": self.dev.signing_seed,
             "TRIGGER_SYSTEM_CREDS": self.dev.system.creds,
+            **env,
         }
-        return make_settings(self.server.url, **{**accounts_mode, **env})
+
+    def settings(self, **env: Any) -> Settings:
+        return make_settings(self.server.url, **self.settings_env(**env))
 
 
 @dataclass
@@ -88,24 +95,27 @@ async def service(operator: Operator) -> AsyncIterator[Api]:
 @pytest.fixture
 async def tenants(operator: Operator, system_nc: Client) -> AsyncIterator[list[Tenant]]:
     """Three fresh accounts (so tests never share an account's JWT), each with a connected user."""
-    signer = jwt.read_seed(operator.dev.signing_seed)
-    made: list[Tenant] = []
-    for _ in range(3):
-        account, user = jwt.new_key("account"), jwt.new_key("user")
-        api_import = {"subject": f"{API}.>", "account": operator.dev.service.public_key, "type": "service"}
-        account_jwt = jwt.encode(
-            jwt.account_claims(jwt.public_key(account), unique("tenant"), imports=[api_import]), signer
-        )
-        await push(system_nc, account_jwt)
-        creds = operator.root / f"{jwt.public_key(user)}.creds"
-        creds.write_text(
-            jwt.creds(jwt.encode(jwt.user_claims(jwt.public_key(user), "u"), account), jwt.seed_of(user))
-        )
-        nc = await nats.connect(operator.server.url, user_credentials=str(creds))
-        made.append(Tenant(jwt.public_key(account), account_jwt, nc))
+    made = [await new_tenant(operator, operator.server.url, system_nc) for _ in range(3)]
     yield made
     for tenant in made:
         await tenant.nc.close()
+
+
+async def new_tenant(operator: Operator, url: str, system_nc: Client) -> Tenant:
+    """An account that imports the Trigger API, pushed to the server, with a connected user."""
+    signer = jwt.read_seed(operator.dev.signing_seed)
+    account, user = jwt.new_key("account"), jwt.new_key("user")
+    api_import = {"subject": f"{API}.>", "account": operator.dev.service.public_key, "type": "service"}
+    account_jwt = jwt.encode(
+        jwt.account_claims(jwt.public_key(account), unique("tenant"), imports=[api_import]), signer
+    )
+    await push(system_nc, account_jwt)
+    creds = operator.root / f"{jwt.public_key(user)}.creds"
+    creds.write_text(
+        jwt.creds(jwt.encode(jwt.user_claims(jwt.public_key(user), "u"), account), jwt.seed_of(user))
+    )
+    nc = await nats.connect(url, user_credentials=str(creds))
+    return Tenant(jwt.public_key(account), account_jwt, nc)
 
 
 async def push(system_nc: Client, account_jwt: str) -> None:
@@ -334,6 +344,47 @@ async def test_a_restarted_service_re_pushes_the_current_jwts(
         assert (await inbox.first()).data == b"back"
 
 
+async def test_a_restarted_nats_server_gets_the_current_jwts_back(operator: Operator, tmp_path: Path) -> None:
+    """A server restarted with only its preloaded JWTs: the service re-pushes when it reconnects."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "nats-server.conf"
+    resolver, store = tmp_path / "resolver", tmp_path / "jetstream"
+    config.write_text(
+        bootstrap.server_config(
+            operator.dev, resolver_dir=resolver, store_dir=store, port=port, http_port=None
+        )
+    )
+    first = NatsServer(config=config, store_dir=store).start()
+    servers = [first]
+    a_dev, b_dev = operator.dev.tenants  # preloaded: they survive the loss of the resolver directory
+    a = await nats.connect(first.url, user_credentials=a_dev.creds, reconnect_time_wait=0.1)
+    b = await nats.connect(first.url, user_credentials=b_dev.creds, reconnect_time_wait=0.1)
+    try:
+        async with running(make_settings(first.url, **operator.settings_env())):
+            token_a = {"Authorization": f"Bearer {token(a_dev.public_key, accounts=[b_dev.public_key])}"}
+            body = stream_body(unique(), "restart.s", "restart.d", account=b_dev.public_key)
+            reply = await request(a, f"{API}.create.stream", body, headers=token_a, account=None)
+            assert reply.status == 201, reply.envelope
+            inbox = await Inbox.on(b, "restart.d")
+            first.stop()
+            shutil.rmtree(resolver)
+            servers.append(NatsServer(config=config, store_dir=store).start())
+
+            async def carried() -> bool:
+                with contextlib.suppress(nats.errors.Error):
+                    await a.publish("restart.s", b"again")
+                return bool(inbox.messages)
+
+            await eventually(carried, timeout=10, interval=0.1)
+    finally:
+        await a.close()
+        await b.close()
+        for server in servers:
+            server.stop()
+
+
 async def test_tenants_call_the_trigger_api_through_their_import(operator: Operator) -> None:
     """The accounts `init` made: a tenant user reaches the service in its own account."""
     async with running(operator.settings()):
@@ -374,6 +425,11 @@ async def test_the_service_refuses_to_start_with_a_key_the_servers_do_not_trust(
     with pytest.raises(RuntimeError, match="TRIGGER_OPERATOR_SEED"):
         async with running(operator.settings(TRIGGER_OPERATOR_SEED=str(seed))):
             pass
+
+
+def test_accounts_mode_refuses_to_start_without_its_keys() -> None:
+    with pytest.raises(config.ConfigError, match="TRIGGER_OPERATOR_SEED and TRIGGER_SYSTEM_CREDS"):
+        config.load({"TRIGGER_ROUTING": "accounts", "TRIGGER_AUTH": "none"})
 
 
 def test_jwt_round_trip_and_verification() -> None:

@@ -46,6 +46,7 @@ class AccountsCarrier:
         self._known: dict[str, StreamTrigger] = {}
         self._follower: asyncio.Task[None] | None = None
         self._stopping = False
+        self._repush: asyncio.Task[None] | None = None
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     @property
@@ -56,7 +57,7 @@ class AccountsCarrier:
         return self._system
 
     async def __aenter__(self) -> AccountsCarrier:
-        self._system = await SystemAccount.open(self.settings)
+        self._system = await SystemAccount.open(self.settings, on_reconnect=self._on_reconnect)
         ready = asyncio.Event()
         self._follower = asyncio.create_task(self._follow(ready), name="accounts-follower")
         waiter = asyncio.create_task(ready.wait())
@@ -76,6 +77,8 @@ class AccountsCarrier:
                 await asyncio.wait({self._follower}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 self._follower.result()
+        if self._repush is not None:
+            self._repush.cancel()
         if self._system is not None:
             await self._system.close()
             self._system = None
@@ -96,26 +99,31 @@ class AccountsCarrier:
         source, target = c.accounts_of(split_key(key)[0], trigger)
         self._check_account(source, "the caller's account (token claim `account`)", "$")
         self._check_account(target, "`target.account`", "$.target.account")
+        if target != source and not await self._exists(target):  # before anything is pushed
+            raise BadRequest(f"NATS knows no account {target} - at `$.target.account`")
         export = c.Entry(trigger.created_at, c.export_of(trigger))
         imported = c.Entry(trigger.created_at, c.import_of(source, trigger))
-        done: list[str] = []
+
+        def put_export(record: c.AccountRecord) -> bool:
+            changed = record.put("exports", key, export)
+            if target == source:  # a route within one account: it imports its own export
+                changed |= record.put("imports", key, imported)
+            return changed
+
+        steps: list[tuple[str, Mutation]] = [(source, put_export)]
+        if target != source:
+            steps.append((target, lambda record: record.put("imports", key, imported)))
+        touched: list[str] = []
         try:
-            if source == target:
-                await self._update(
-                    source,
-                    lambda r: r.put("exports", key, export) | r.put("imports", key, imported),
-                    always_push,
-                )
-            else:
-                await self._update(source, lambda r: r.put("exports", key, export), always_push)
-                done.append(source)
-                await self._update(target, lambda r: r.put("imports", key, imported), always_push)
+            for account, mutate in steps:  # the export first
+                touched.append(account)
+                await self._update(account, mutate, always_push)
         except Exception:
-            for account in done:  # leave no half pair behind
+            for account in reversed(touched):  # leave no half pair behind, the import first
                 try:
-                    await self._update(account, _dropper(key, trigger.created_at), always_push, create=False)
+                    await self._update(account, _dropper(key, trigger.created_at), False, create=False)
                 except Exception:
-                    _log.exception("could not roll back an export", key=key, account=account)
+                    _log.exception("could not roll back a half pair", key=key, account=account)
             raise
 
     async def _remove(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
@@ -168,6 +176,10 @@ class AccountsCarrier:
             await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))  # lost the race: again
         raise Unavailable(f"too many concurrent changes to account {account}; try again")
 
+    async def _exists(self, account: str) -> bool:
+        raw, _ = await self.store.get_raw(c.record_key(account))
+        return bool(raw) or await self.system.lookup(account) is not None
+
     async def _adopt(self, account: str) -> c.AccountRecord:
         """A new record for an account, from the JWT the servers hold for it now."""
         token = await self.system.lookup(account)
@@ -186,6 +198,20 @@ class AccountsCarrier:
             token, revision = c.decode_record(raw).jwt, current
 
     # --- reconciliation --------------------------------------------------------------------
+
+    async def _on_reconnect(self) -> None:
+        """A reconnected server may have restarted with only its preloaded JWTs: push the current ones."""
+        if self._repush is None or self._repush.done():
+            self._repush = asyncio.create_task(self._push_all(), name="accounts-repush")
+
+    async def _push_all(self) -> None:
+        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
+            raw, revision = await self.store.get_raw(record_key)
+            if raw:
+                try:
+                    await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
+                except Exception as exc:
+                    _log.warning("could not re-push an account JWT", key=record_key, error=str(exc))
 
     async def _follow(self, ready: asyncio.Event) -> None:
         """Keep every account's JWT in line with the live triggers, in this and every replica."""
@@ -244,11 +270,7 @@ class AccountsCarrier:
                 await self._ensure(key, trigger, always_push=False)
             except Exception as exc:
                 _log.warning("live trigger could not be carried", key=key, error=str(exc))
-        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
-            raw, revision = await self.store.get_raw(record_key)
-            if raw:
-                with contextlib.suppress(Exception):
-                    await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
+        await self._push_all()
 
     async def _guarded(self, account: str, mutate: Mutation) -> None:
         try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
+import nats
 import nats.errors
 from nats.aio.client import Client
 
@@ -41,27 +42,42 @@ class SystemAccount:
         self.servers = 1
 
     @classmethod
-    async def open(cls, settings: Settings) -> SystemAccount:
-        """Connect with TRIGGER_SYSTEM_CREDS, learn the trusted operator, check the signing key."""
-        from service.app import connect  # the same reconnect policy as the service's own connection
+    async def open(
+        cls, settings: Settings, on_reconnect: Callable[[], Awaitable[None]] | None = None
+    ) -> SystemAccount:
+        """Connect with TRIGGER_SYSTEM_CREDS, learn the trusted operator, check the signing key.
 
+        `on_reconnect` is awaited after each reconnection: the server may have restarted with
+        only its preloaded JWTs.
+        """
         assert settings.operator_seed  # config.load checks both
         assert settings.system_creds
         signer = jwt.read_seed(settings.operator_seed)
-        system_settings = msgspec.structs.replace(settings, nats_creds=settings.system_creds)
-        nc = await connect(system_settings, "trigger-service-system")
+
+        async def reconnected() -> None:
+            if on_reconnect is not None:
+                await on_reconnect()
+
+        nc = await nats.connect(
+            servers=settings.nats_url.split(","),
+            name="trigger-service-system",
+            user_credentials=settings.system_creds,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            reconnected_cb=reconnected,
+        )
         self = cls(nc, signer)
         try:
             await self.discover()
+            key = jwt.public_key(signer)
+            if key not in self.trusted:
+                raise StartupError(
+                    f"TRIGGER_OPERATOR_SEED: key {key} is not a key of the operator the NATS servers trust"
+                )
         except BaseException:
             await nc.close()
             raise
-        key = jwt.public_key(signer)
-        if key not in self.trusted:
-            await nc.close()
-            raise StartupError(
-                f"TRIGGER_OPERATOR_SEED: key {key} is not a key of the operator the NATS servers trust"
-            )
         return self
 
     async def discover(self) -> None:

@@ -1,0 +1,180 @@
+"""`make run-accounts`: the local stack in accounts (operator) mode.
+
+It makes a development operator under `.dev/accounts` when there is none (see
+service.accounts.bootstrap), starts nats-server in operator mode with the full resolver on
+4222/8222 (or free ports when those are taken), then the service with TRIGGER_ROUTING=accounts
+and the HTTP sidecar, and prints each tenant's creds, a token and examples to paste. Ctrl-C
+stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service import config
+from service.accounts import bootstrap
+from service.auth import mint
+from service.devstack import (
+    DEV_DIR,
+    SIDECAR,
+    TOKEN_TTL,
+    DevstackError,
+    dev_secret,
+    free_port,
+    http_addr,
+    port_free,
+    start_child,
+    until_stopped,
+    wait_ready,
+)
+from service.natsserver import NatsServer, NatsServerError
+
+ACCOUNTS_DIR = DEV_DIR / "accounts"
+
+
+def say(text: str) -> None:
+    """One line for the person at the terminal."""
+    print(f"[make run-accounts] {text}", flush=True)
+
+
+def operator(directory: Path) -> bootstrap.DevOperator:
+    """The development operator under `directory`, made on first use."""
+    if (directory / bootstrap.MANIFEST).is_file():
+        return bootstrap.load(directory)
+    say(f"no development operator in {directory}: making one (trigger-service accounts init {directory})")
+    return bootstrap.create(directory)
+
+
+async def start_nats(stack: contextlib.AsyncExitStack, dev: bootstrap.DevOperator) -> str:
+    """nats-server in operator mode on 4222/8222, or on free ports when those are taken."""
+    root = Path(dev.root)
+    port = 4222 if port_free(4222) else free_port()
+    http_port = 8222 if port_free(8222) else free_port()
+    if (port, http_port) != (4222, 8222):
+        say(f"4222 or 8222 is taken: nats-server listens on {port}, monitors on {http_port}")
+    server_config = root / "nats-server.conf"
+    server_config.write_text(
+        bootstrap.server_config(
+            dev,
+            resolver_dir=root / "resolver",
+            store_dir=root / "jetstream",
+            port=port,
+            http_port=http_port,
+        )
+    )
+    server = NatsServer(config=server_config, store_dir=root / "jetstream")
+    try:
+        await asyncio.to_thread(server.start)
+    except NatsServerError as exc:
+        raise DevstackError(str(exc)) from None
+    stack.push_async_callback(asyncio.to_thread, server.stop)
+    say(f"NATS: started nats-server -c {server_config} (operator mode) on port {server.port}")
+    return server.url
+
+
+def banner(url: str, nats_url: str, dev: bootstrap.DevOperator, secret: str) -> str:
+    """Each tenant's creds and token, and a cross-account trigger to paste."""
+    a, b = dev.tenants[0], dev.tenants[1]
+    lines = [
+        "",
+        "Trigger Service is running in accounts mode: a stream trigger is an export in the source",
+        "account's JWT and an import in the target's, so NATS itself carries the data.",
+        "",
+        f"  HTTP API   {url}",
+        f"  NATS       {nats_url}   (operator {dev.operator}, files in {dev.root})",
+        "",
+    ]
+    for tenant, other in ((a, b), (b, a)):
+        token = mint(secret, tenant.public_key, ttl=TOKEN_TTL, accounts=[other.public_key])
+        lines += [
+            f"  {tenant.name}  account {tenant.public_key}",
+            f"            creds {tenant.creds}",
+            f"            token (may target {other.name}): {token}",
+        ]
+    trigger = {
+        "name": "orders",
+        "trigger_type": "stream",
+        "source": {"subject": "orders.created"},
+        "target": {"account": b.public_key, "subject": "billing.orders"},
+    }
+    token_a = mint(secret, a.public_key, ttl=TOKEN_TTL, accounts=[b.public_key])
+    lines += [
+        "",
+        f"export TOKEN_A={token_a}",
+        f"# {a.name}'s orders.created appears as billing.orders in {b.name}:",
+        f'curl -s -X POST {url}/trigger/stream -H "Authorization: Bearer $TOKEN_A" '
+        f"-H 'Content-Type: application/json' -d '{json.dumps(trigger)}'",
+        f"nats --server {nats_url} --creds {b.creds} sub billing.orders &",
+        f"nats --server {nats_url} --creds {a.creds} pub orders.created hello",
+        f'curl -s -X DELETE {url}/trigger/triggers/stream/orders -H "Authorization: Bearer $TOKEN_A"',
+        "# the API over NATS, from a tenant's own account (it imports the Trigger API):",
+        f"nats --server {nats_url} --creds {a.creds} req {dev.prefix}.list "
+        f'\'{{"subject_pattern": "{dev.prefix}.>"}}\' -H "Authorization:Bearer $TOKEN_A"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def run(argv: Sequence[str]) -> int:
+    """Start everything, print the banner, wait for Ctrl-C, stop everything; the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m service.accounts.devstack", description=__doc__)
+    parser.add_argument("--dir", type=Path, default=ACCOUNTS_DIR, help="the development operator's files")
+    args = parser.parse_args(argv)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            return await _run(stack, stop, args.dir)
+        except DevstackError as exc:
+            say(f"cannot start: {exc}")
+            return 1
+
+
+async def _run(stack: contextlib.AsyncExitStack, stop: asyncio.Event, directory: Path) -> int:
+    dev = operator(directory)
+    secret = dev_secret()
+    nats_url = await start_nats(stack, dev)
+    addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or "127.0.0.1:8080")
+    env = {
+        **os.environ,
+        **dev.env(),
+        "NATS_URL": nats_url,
+        "TRIGGER_JWT_SECRET": secret,
+        "TRIGGER_HTTP_ADDR": addr,
+        "TRIGGER_AUTH": "jwt",
+    }
+    env.pop("TRIGGER_JWT_PUBLIC_KEY", None)
+    try:
+        config.load(env)  # a bad variable fails here, by name, not in a child
+    except config.ConfigError as exc:
+        raise DevstackError(f"configuration error: {exc}") from None
+    children = {
+        "service": await start_child(stack, "service", [sys.executable, "-m", "service"], env),
+        "sidecar": await start_child(stack, "sidecar", [sys.executable, "-c", SIDECAR], env),
+    }
+    host, port = addr.rsplit(":", 1)
+    url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
+    await wait_ready(url, children, stop)
+    if stop.is_set():
+        return 0
+    print(banner(url, nats_url, dev, secret), flush=True)
+    return await until_stopped(children, stop)
+
+
+def main() -> None:
+    """Entry point of `python -m service.accounts.devstack`."""
+    raise SystemExit(asyncio.run(run(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
