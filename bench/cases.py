@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import importlib.util
@@ -99,7 +100,11 @@ def creates(subject: str, prefix: str) -> Callable[[int], tuple[str, bytes]]:
 
 def _errors_note(samples: list[Sample]) -> str:
     errors = sum(s.errors for s in samples)
-    return f"{errors} errors" if errors else ""
+    kinds: collections.Counter[str] = collections.Counter()
+    for sample in samples:
+        kinds.update(sample.error_kinds)
+    detail = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    return f"{errors} errors ({detail})" if detail else f"{errors} errors" if errors else ""
 
 
 def _add(row: Row, ours: list[Sample], base: list[Sample], value: Callable[[Sample], float]) -> None:
@@ -338,7 +343,11 @@ async def _wrk(
 
 
 async def create_over_http(b: Bench) -> None:
-    """Create through the sidecar against a minimal aiohttp forwarder and against NATS directly."""
+    """Create through the sidecar against a minimal aiohttp forwarder and against NATS directly.
+
+    Twice: with the service behind both fronts (end to end), and with the minimal responder
+    answering `create.stream` instead (the HTTP front's own cost, whatever the service's).
+    """
     case = f"create over HTTP, {CONCURRENCY} connections"
     missing = _sidecar_missing()
     if missing:
@@ -346,37 +355,55 @@ async def create_over_http(b: Bench) -> None:
         return
     bucket = unique("bench-http")
     forwarder = b.stack.forwarder(free_port(), ("POST", "/trigger/stream", CREATE))
-    samples: dict[str, list[Sample]] = {"sidecar": [], "forwarder": [], "nats": []}
     async with _sidecar(b, bucket, profile="sidecar-create") as sidecar, running(forwarder):
         async with b.service(bucket):
             status = await load.http_status(f"{sidecar.url}/trigger/stream", "POST", create_body(unique("p")))
         if status != 201:
             b.skip(case, f"not available yet: POST /trigger/stream on the sidecar answered {status}, not 201")
             return
-        order = list(samples)
-        for rep in range(b.reps):
-            for side in order[rep % 3 :] + order[: rep % 3]:
-                prefix = unique("h")
-                async with b.service():  # a fresh bucket for each run, as in the NATS create case
-                    if side == "nats":
-                        call = load.requester(b.nc, creates(CREATE, prefix))
-                        sample = await load.closed_loop(call, concurrency=CONCURRENCY, seconds=b.seconds)
-                    else:
-                        child = sidecar if side == "sidecar" else forwarder
-                        sample = await _wrk(b, child, "POST", "/trigger/stream", "create-stream", prefix)
-                samples[side].append(sample)
-    ours, base = samples["sidecar"], samples["forwarder"]
-    fwd = "minimal forwarder"
-    _add(
-        b.row(case, RATE, fwd, Target(ratio=0.8), f"{b.http.tool}; fresh bucket per run"),
-        ours,
-        base,
-        lambda s: s.rate,
-    )
-    _add(b.row(case, P50, fwd), ours, base, lambda s: s.p50)
-    _add(b.row(case, P99, fwd), ours, base, lambda s: s.p99)
-    _add(b.row(case, CPU, fwd, note="the HTTP process's CPU"), ours, base, lambda s: s.cpu_us)
-    _add(b.row(case, RATE, "create over NATS directly"), ours, samples["nats"], lambda s: s.rate)
+
+        def fresh_service() -> contextlib.AbstractAsyncContextManager[Child]:
+            return b.service()  # a fresh bucket for each run, as in the NATS create case
+
+        def responder() -> contextlib.AbstractAsyncContextManager[Child]:
+            return running(b.stack.responder("--create", CREATE, "--bucket", unique("bench-baseline")))
+
+        end_to_end = await _http_creates(b, sidecar, forwarder, fresh_service)
+        front_only = await _http_creates(b, sidecar, forwarder, responder)
+    for title, samples, note in (
+        (case, end_to_end, f"{b.http.tool}; fresh bucket per run"),
+        (f"{case}, minimal responder behind", front_only, "the HTTP front's own cost"),
+    ):
+        ours, base = samples["sidecar"], samples["forwarder"]
+        fwd = "minimal forwarder"
+        _add(b.row(title, RATE, fwd, Target(ratio=0.8), note), ours, base, lambda s: s.rate)
+        _add(b.row(title, P50, fwd), ours, base, lambda s: s.p50)
+        _add(b.row(title, P99, fwd), ours, base, lambda s: s.p99)
+        _add(b.row(title, CPU, fwd, note="the HTTP process's CPU"), ours, base, lambda s: s.cpu_us)
+        _add(b.row(title, RATE, "the same over NATS directly"), ours, samples["nats"], lambda s: s.rate)
+
+
+async def _http_creates(
+    b: Bench,
+    sidecar: Child,
+    forwarder: Child,
+    backend: Callable[[], contextlib.AbstractAsyncContextManager[Child]],
+) -> dict[str, list[Sample]]:
+    """Creates through the sidecar, the forwarder and NATS directly, each with a new `backend`."""
+    samples: dict[str, list[Sample]] = {"sidecar": [], "forwarder": [], "nats": []}
+    order = list(samples)
+    for rep in range(b.reps):
+        for side in order[rep % 3 :] + order[: rep % 3]:
+            prefix = unique("h")
+            async with backend():
+                if side == "nats":
+                    call = load.requester(b.nc, creates(CREATE, prefix))
+                    sample = await load.closed_loop(call, concurrency=CONCURRENCY, seconds=b.seconds)
+                else:
+                    child = sidecar if side == "sidecar" else forwarder
+                    sample = await _wrk(b, child, "POST", "/trigger/stream", "create-stream", prefix)
+            samples[side].append(sample)
+    return samples
 
 
 async def gateway_request(b: Bench) -> None:

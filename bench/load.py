@@ -38,13 +38,15 @@ async def closed_loop(
             started = time.perf_counter()
             try:
                 ok = await call(i)
-            except (nats.errors.Error, TimeoutError):
-                ok = False
+                kind = "rejected"
+            except (nats.errors.Error, TimeoutError) as exc:
+                ok, kind = False, type(exc).__name__
             if ok:
                 sample.ok += 1
                 sample.latencies_ms.append((time.perf_counter() - started) * 1000)
             else:
                 sample.errors += 1
+                sample.error_kinds[kind] += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

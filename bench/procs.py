@@ -218,8 +218,10 @@ class Stack:
         return check
 
     def sidecar(self, bucket: str, port: int, profile: Path | None = None) -> Child:
-        """`trigger-gateway` on `bucket`, serving HTTP on `port`."""
+        """`trigger-gateway` on `bucket`, serving HTTP on `port` (BENCH_SIDECAR_ARGV runs another command)."""
         argv = console_script("trigger-gateway", "from service.cli import gateway_main; gateway_main()")
+        if os.environ.get("BENCH_SIDECAR_ARGV"):
+            argv = [PY, *os.environ["BENCH_SIDECAR_ARGV"].split()]
         env = self.service_env(bucket, TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}")
         child = Child("sidecar", argv, env, self.log_dir, ready_port=port, url=f"http://127.0.0.1:{port}")
         return profiling.attach(child, profile) if profile else child

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class Sample:
     latencies_ms: list[float] = field(default_factory=list)
     reported: tuple[float, float] | None = None  # (p50, p99) from a tool that gives only percentiles
     cpu_seconds: float = 0.0  # CPU time the process under test used meanwhile
+    error_kinds: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def cpu_us(self) -> float:
