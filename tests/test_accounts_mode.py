@@ -26,6 +26,7 @@ from service.config import Settings
 from service.errors import Internal
 from service.natsserver import NatsServer
 from service.routing import Api
+from service.store import TriggerStore, key_of
 from tests.conftest import make_settings
 from tests.support import Reply, eventually, request, token, unique
 
@@ -82,6 +83,14 @@ def operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
 @pytest.fixture(scope="module")
 async def system_nc(operator: Operator) -> AsyncIterator[Client]:
     client = await nats.connect(operator.server.url, user_credentials=operator.dev.system.creds)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def nc_service(operator: Operator) -> AsyncIterator[Client]:
+    """A connection in the service's account (where the bucket lives)."""
+    client = await nats.connect(operator.server.url, user_credentials=operator.dev.service.creds)
     yield client
     await client.close()
 
@@ -342,6 +351,24 @@ async def test_a_restarted_service_re_pushes_the_current_jwts(
     async with running(settings):
         await a.nc.publish(f"{base}.s", b"back")
         assert (await inbox.first()).data == b"back"
+
+
+async def test_a_trigger_deleted_while_no_service_ran_loses_its_pair_at_the_next_start(
+    operator: Operator, tenants: list[Tenant], system_nc: Client, nc_service: Client
+) -> None:
+    a, b, _ = tenants
+    base = unique("gone")
+    settings = operator.settings()
+    name = unique()
+    async with running(settings):
+        reply = await create(a, stream_body(name, f"{base}.s", f"{base}.d", account=b.key), b)
+        assert reply.status == 201, reply.envelope
+    store = await TriggerStore.open(nc_service.jetstream(), settings.bucket)
+    await store.mark_deleted(key_of(a.key, "stream", name))  # as a replica that crashed before deactivating
+    assert "exports" in await current_claims(system_nc, a.key)
+    async with running(settings):
+        assert "exports" not in await current_claims(system_nc, a.key)
+        assert all(i["account"] != a.key for i in (await current_claims(system_nc, b.key))["imports"])
 
 
 async def test_a_restarted_nats_server_gets_the_current_jwts_back(operator: Operator, tmp_path: Path) -> None:

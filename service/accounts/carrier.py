@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from service.accounts import claims as c
 from service.accounts import jwt
 from service.accounts.system import SystemAccount
 from service.config import Settings
-from service.errors import BadRequest, Unavailable
+from service.errors import BadRequest, NotFound, Unavailable
 from service.store import TriggerStore, split_key
 
 STREAM_KEYS = "*.stream.*"
@@ -46,7 +47,7 @@ class AccountsCarrier:
         self._known: dict[str, StreamTrigger] = {}
         self._follower: asyncio.Task[None] | None = None
         self._stopping = False
-        self._repush: asyncio.Task[None] | None = None
+        self._reconciling: asyncio.Task[None] | None = None
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     @property
@@ -77,8 +78,8 @@ class AccountsCarrier:
                 await asyncio.wait({self._follower}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 self._follower.result()
-        if self._repush is not None:
-            self._repush.cancel()
+        if self._reconciling is not None:
+            self._reconciling.cancel()
         if self._system is not None:
             await self._system.close()
             self._system = None
@@ -200,18 +201,15 @@ class AccountsCarrier:
     # --- reconciliation --------------------------------------------------------------------
 
     async def _on_reconnect(self) -> None:
-        """A reconnected server may have restarted with only its preloaded JWTs: push the current ones."""
-        if self._repush is None or self._repush.done():
-            self._repush = asyncio.create_task(self._push_all(), name="accounts-repush")
+        """After a reconnection, reconcile (in the background: this runs in the client's callback)."""
+        if self._reconciling is None or self._reconciling.done():
+            self._reconciling = asyncio.create_task(self._reconcile_quietly(), name="accounts-reconcile")
 
-    async def _push_all(self) -> None:
-        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
-            raw, revision = await self.store.get_raw(record_key)
-            if raw:
-                try:
-                    await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
-                except Exception as exc:
-                    _log.warning("could not re-push an account JWT", key=record_key, error=str(exc))
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self._reconcile()
+        except Exception:
+            _log.exception("reconciliation after a reconnection failed")
 
     async def _follow(self, ready: asyncio.Event) -> None:
         """Keep every account's JWT in line with the live triggers, in this and every replica."""
@@ -248,9 +246,10 @@ class AccountsCarrier:
             _log.info("follower could not apply a change", key=key, error=str(exc))
 
     async def _reconcile(self) -> None:
-        """At start: drop entries of triggers that are gone, add missing ones, re-push every JWT.
+        """Drop entries of triggers that are gone, add missing ones, re-push every JWT.
 
-        A restarted nats-server may hold only its preloaded JWTs: the re-push brings the current ones.
+        Runs at start and after the system connection reconnects: a restarted nats-server may
+        hold only its preloaded JWTs, and pushes may have failed while it was away.
         """
         for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
             raw, _ = await self.store.get_raw(record_key)
@@ -261,22 +260,33 @@ class AccountsCarrier:
                 (kind, key, entry.created_at)
                 for kind in ("exports", "imports")
                 for key, entry in getattr(record, kind).items()
-                if key not in self._known or self._known[key].created_at != entry.created_at
+                if not await self._is_live(key, entry.created_at)
             }
             if stale:
-                await self._guarded(record.account, lambda r, s=stale: _drop_all(r, s))  # type: ignore[misc]
+                try:
+                    await self._update(record.account, functools.partial(_drop_all, stale=stale), False)
+                except Exception as exc:
+                    _log.warning("could not reconcile an account", account=record.account, error=str(exc))
         for key, trigger in list(self._known.items()):
             try:
                 await self._ensure(key, trigger, always_push=False)
             except Exception as exc:
                 _log.warning("live trigger could not be carried", key=key, error=str(exc))
-        await self._push_all()
+        for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
+            raw, revision = await self.store.get_raw(record_key)
+            if raw:
+                try:
+                    await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
+                except Exception as exc:
+                    _log.warning("could not re-push an account JWT", key=record_key, error=str(exc))
 
-    async def _guarded(self, account: str, mutate: Mutation) -> None:
+    async def _is_live(self, key: str, created_at: str) -> bool:
+        """True when the bucket holds that incarnation of the trigger, live (not what this replica saw)."""
         try:
-            await self._update(account, mutate, always_push=False)
-        except Exception as exc:
-            _log.warning("could not reconcile an account", account=account, error=str(exc))
+            record, _ = await self.store.get(key)
+        except NotFound:
+            return False
+        return record.created_at == created_at
 
 
 def _dropper(key: str, created_at: str) -> Mutation:
