@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import nats.errors
 import pytest
@@ -19,9 +20,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from service import config
-from service.accounts import bootstrap, claims, jwt
+from service.accounts import bootstrap, claims, devstack, jwt
 from service.accounts.system import CLAIMS_UPDATE, SystemAccount
 from service.app import running
+from service.auth import mint
 from service.config import Settings
 from service.errors import Internal
 from service.natsserver import NatsServer
@@ -510,3 +512,47 @@ def test_bootstrap_cli_refuses_to_overwrite(tmp_path: Path, capsys: pytest.Captu
     assert bootstrap.main([str(tmp_path / "d")]) == 1
     assert "--force" in capsys.readouterr().err
     assert "resolver_preload" in (tmp_path / "d" / "nats-server.conf").read_text()
+
+
+async def test_make_run_accounts_carries_a_cross_account_trigger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local stack in accounts mode, end to end: HTTP create, then NATS carries tenant-a to tenant-b."""
+    monkeypatch.chdir(tmp_path)  # `.dev/jwt-secret` lands here
+    monkeypatch.setenv("TRIGGER_HTTP_ADDR", "127.0.0.1:0")
+    free = devstack.port_free  # never the well-known ports: the stack falls back to free ones
+    monkeypatch.setattr(
+        devstack, "port_free", lambda port, host="0.0.0.0": port not in (4222, 8222) and free(port, host)
+    )
+    shown: dict[str, Any] = {}
+    monkeypatch.setattr(devstack, "banner", lambda *args: shown.update(args=args) or "")
+    stop = asyncio.Event()
+    stack = asyncio.create_task(devstack.run(["--dir", str(tmp_path / "accounts")], stop))
+    try:
+        await eventually(lambda: shown or stack.done(), timeout=60, interval=0.1)
+        url, nats_url, dev, secret = shown["args"]
+        a, b = dev.tenants
+        a_nc = await nats.connect(nats_url, user_credentials=a.creds)
+        b_nc = await nats.connect(nats_url, user_credentials=b.creds)
+        try:
+            inbox = await Inbox.on(b_nc, "billing.orders")
+            body = {
+                "name": "orders",
+                "trigger_type": "stream",
+                "source": {"subject": "orders.created"},
+                "target": {"account": b.public_key, "subject": "billing.orders"},
+            }
+            headers = {"Authorization": f"Bearer {mint(secret, a.public_key, accounts=[b.public_key])}"}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{url}/trigger/stream", json=body, headers=headers) as response,
+            ):
+                assert response.status == 201, await response.text()
+            await a_nc.publish("orders.created", b"hello")
+            assert (await inbox.first()).data == b"hello"
+        finally:
+            await a_nc.close()
+            await b_nc.close()
+    finally:
+        stop.set()
+        assert await stack == 0

@@ -123,15 +123,16 @@ def banner(url: str, nats_url: str, dev: bootstrap.DevOperator, secret: str) -> 
     return "\n".join(lines)
 
 
-async def run(argv: Sequence[str]) -> int:
-    """Start everything, print the banner, wait for Ctrl-C, stop everything; the exit status."""
+async def run(argv: Sequence[str], stop: asyncio.Event | None = None) -> int:
+    """Start everything, print the banner, wait for Ctrl-C (or `stop`), stop everything; the exit status."""
     parser = argparse.ArgumentParser(prog="python -m service.accounts.devstack", description=__doc__)
     parser.add_argument("--dir", type=Path, default=ACCOUNTS_DIR, help="the development operator's files")
     args = parser.parse_args(argv)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         try:
             return await _run(stack, stop, args.dir)
