@@ -133,6 +133,7 @@ def _merge_exports(own: list[dict[str, Any]], needed: list[dict[str, Any]]) -> l
     nats-server refuses an account whose exports of one type contain one another.
     """
     merged = list(own)
+    own_ids = {id(e) for e in own}
     for export in needed:
         same_type = [e for e in merged if e.get("type") == export["type"]]
         cover = next((e for e in same_type if contains(e["subject"], export["subject"])), None)
@@ -144,12 +145,13 @@ def _merge_exports(own: list[dict[str, Any]], needed: list[dict[str, Any]]) -> l
                 )
             continue
         inside = [e for e in same_type if contains(export["subject"], e["subject"])]
-        if any(any(e is o for o in own) for e in inside):
+        if any(id(e) in own_ids for e in inside):
             raise Conflict(
                 f"the source account already exports a subject inside {export['subject']!r} "
                 "- at `$.source.subject`"
             )
-        merged = [e for e in merged if not any(e is i for i in inside)] + [export]
+        inside_ids = {id(e) for e in inside}
+        merged = [e for e in merged if id(e) not in inside_ids] + [export]
     return merged
 
 
