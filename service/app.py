@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from service import log
 from service.auth import Authenticator
 from service.config import Settings
+from service.graph import RouteGraph
 from service.handlers import Carrier, Context, RecordsOnly
 from service.routing import Api
 from service.store import TriggerStore
@@ -58,12 +59,18 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         carrier = make_carrier(settings, nc, store)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving
-        api = Api(nc, Context(settings, store, carrier), Authenticator(settings))
+        graph = await stack.enter_async_context(RouteGraph(store, single=settings.routing == "single"))
+        api = Api(nc, Context(settings, store, graph, carrier), Authenticator(settings))
         await api.start()
         stack.push_async_callback(api.stop)
-        _log.info("started", nats=nc.connected_url.netloc if nc.connected_url else None,
-                  bucket=settings.bucket, prefix=settings.prefix, routing=settings.routing,
-                  auth=settings.auth)
+        _log.info(
+            "started",
+            nats=nc.connected_url.netloc if nc.connected_url else None,
+            bucket=settings.bucket,
+            prefix=settings.prefix,
+            routing=settings.routing,
+            auth=settings.auth,
+        )
         yield api
 
 

@@ -39,6 +39,7 @@ from service import subjects
 from service.auth import Caller
 from service.config import Settings
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
+from service.graph import RouteGraph, edge_of
 from service.store import TriggerStore, key_of, now_rfc3339, split_key
 
 TRIGGER_TYPES = ("gateway", "stream", "subject")
@@ -46,6 +47,9 @@ TRIGGER_TYPES = ("gateway", "stream", "subject")
 
 class Carrier(Protocol):
     """A data plane for stream triggers: makes a stored trigger's route live, or stops it."""
+
+    async def check(self, account: str, trigger: StreamTrigger) -> None:
+        """Raise a 4xx when this data plane cannot carry the trigger (called before it is stored)."""
 
     async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
         """Make the route live; return only once a message published on S is delivered on D."""
@@ -56,6 +60,9 @@ class Carrier(Protocol):
 
 class RecordsOnly:
     """No data plane: triggers are stored, and nothing carries them (a control-plane-only replica)."""
+
+    async def check(self, account: str, trigger: StreamTrigger) -> None:
+        """Anything can be stored."""
 
     async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
         """Nothing to do."""
@@ -70,6 +77,7 @@ class Context:
 
     settings: Settings
     store: TriggerStore
+    graph: RouteGraph
     carrier: Carrier = field(default_factory=RecordsOnly)
     nuid: NUID = field(default_factory=NUID)
 
@@ -99,18 +107,13 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
             f"source subject {source!r} and target subject {destination!r} must hold the same sequence "
             "of wildcards - at `$.target`"
         )
-    if target_account == caller.account or ctx.settings.routing == "single":
-        if subjects.overlap(source, destination):
-            raise BadRequest(
-                f"target subject {destination!r} overlaps source subject {source!r}: the route would "
-                "loop - at `$.target`"
-            )
-        flow = (destination, source) if req.source.kind == "service" else (source, destination)
-        if subjects.closes_cycle(*flow, await _routes(ctx, caller.account)):
-            raise BadRequest(
-                f"route {source!r} -> {destination!r} would close a cycle with existing stream "
-                "triggers - at `$.target`"
-            )
+    if (target_account == caller.account or ctx.settings.routing == "single") and subjects.overlap(
+        source, destination
+    ):
+        raise BadRequest(
+            f"target subject {destination!r} overlaps source subject {source!r}: the route would "
+            "loop - at `$.target`"
+        )
 
     key = key_of(caller.account, "stream", req.name)
     record = StreamTrigger(
@@ -124,28 +127,20 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
         source=req.source,
         target=req.target,
     )
+    if ctx.graph.closes_cycle(edge_of(caller.account, record, ctx.settings.routing == "single")):
+        raise BadRequest(
+            f"route {source!r} -> {destination!r} would close a cycle with existing stream "
+            "triggers - at `$.target`"
+        )
+    await ctx.carrier.check(caller.account, record)
     revision = await ctx.store.create(key, record)
+    ctx.graph.apply(key, revision, record)
     try:
         await ctx.carrier.activate(key, revision, record)
     except BaseException:
-        await ctx.store.mark_deleted(key)  # never leave a stored trigger that does not carry data
+        await _delete(ctx, key)  # never leave a stored trigger that does not carry data
         raise
     return StreamTriggerReply(body=record)
-
-
-async def _routes(ctx: Context, account: str) -> list[tuple[str, str]]:
-    """Every live route sharing the caller's subject space, the way data flows: (S, D) for a stream,
-    (D, S) for a service (requests go from D to the responders on S)."""
-    scope = "*" if ctx.settings.routing == "single" else account
-    routes = []
-    for _, trigger in await ctx.store.live(f"{scope}.stream.*"):
-        if isinstance(trigger, StreamTrigger):
-            if ctx.settings.routing != "single" and trigger.target.account not in (None, account):
-                continue
-            s = trigger.source.subject
-            d = trigger.target.local_subject or trigger.target.subject or s
-            routes.append((d, s) if trigger.source.kind == "service" else (s, d))
-    return routes
 
 
 async def create_gateway(ctx: Context, caller: Caller, req: GatewayTriggerRequest) -> GatewayTriggerReply:
@@ -268,7 +263,13 @@ async def delete(ctx: Context, caller: Caller, ref: TriggerRef) -> DeleteReply:
     if ref.trigger_type == "subject":
         raise NotFound("no such trigger")
     key = key_of(caller.account, ref.trigger_type, ref.name)
-    record: Trigger = await ctx.store.mark_deleted(key)
+    record = await _delete(ctx, key)
     if isinstance(record, StreamTrigger):
         await ctx.carrier.deactivate(key, record)
     return DeleteReply()
+
+
+async def _delete(ctx: Context, key: str) -> Trigger:
+    record, revision = await ctx.store.mark_deleted(key)
+    ctx.graph.apply(key, revision, None)
+    return record

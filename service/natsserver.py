@@ -77,7 +77,8 @@ class NatsServer:
                 if _READY in line:
                     ready.set()
 
-        threading.Thread(target=pump, daemon=True).start()
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + timeout
         while not ready.is_set():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -96,6 +97,7 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
+            self._pump.join(5)  # it reads stdout until EOF: closing it under the thread breaks its read
             self.proc.stdout.close()
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)

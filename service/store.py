@@ -77,6 +77,8 @@ async def _guard(call: Awaitable[T]) -> T:
         raise Unavailable("the trigger store (JetStream KV) did not answer") from None
     except nats.errors.ConnectionClosedError:
         raise Unavailable("not connected to NATS") from None
+    except nats.js.errors.NoStreamResponseError:
+        raise Unavailable("the trigger bucket's stream did not answer") from None
     except nats.js.errors.ServiceUnavailableError:
         raise Unavailable("JetStream is unavailable") from None
     except nats.js.errors.NotFoundError as exc:
@@ -176,14 +178,14 @@ class TriggerStore:
                 continue
         return False
 
-    async def mark_deleted(self, key: str) -> Trigger:
-        """Write the poison pill for a live trigger; NotFound when it is missing or already deleted."""
+    async def mark_deleted(self, key: str) -> tuple[Trigger, int]:
+        """Write the poison pill for a live trigger: (the record, the pill's revision); NotFound when
+        it is missing or already deleted."""
         for _ in range(3):
             record, revision = await self.get(key)
             tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339())
             try:
-                await _guard(self.kv.update(key, _encode(tombstone), last=revision))
-                return record
+                return record, await _guard(self.kv.update(key, _encode(tombstone), last=revision))
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # it changed under us: look again
         raise Conflict("the trigger changed during the delete; try again")

@@ -107,6 +107,9 @@ class SubscriptionCarrier:
 
     # --- the Carrier protocol -----------------------------------------------------------------
 
+    async def check(self, account: str, trigger: StreamTrigger) -> None:
+        """Any valid route can be carried by subscriptions."""
+
     async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
         """Carry the trigger created at `revision`; return once its subscription is at the server."""
         async with self._lock(key):

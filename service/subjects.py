@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 
 def tokens(subject: str) -> list[str]:
     """The dot-separated tokens of a subject."""
@@ -68,23 +66,3 @@ def translate(subject: str, source: str, destination: str) -> str:
         else:
             out.append(p)
     return ".".join(out)
-
-
-def closes_cycle(source: str, destination: str, routes: Iterable[tuple[str, str]]) -> bool:
-    """True when a route source -> destination would let a message come back to `source`.
-
-    `routes` are the existing (source, destination) pairs in the same subject space. A message
-    delivered on `destination` is picked up by every route whose source overlaps it, and so on.
-    """
-    pending = [destination]
-    seen: set[str] = set()
-    edges = list(routes)
-    while pending:
-        here = pending.pop()
-        if overlap(here, source):
-            return True
-        if here in seen:
-            continue
-        seen.add(here)
-        pending.extend(d for s, d in edges if overlap(here, s))
-    return False

@@ -86,6 +86,14 @@ class AccountsCarrier:
 
     # --- the Carrier protocol ----------------------------------------------------------------
 
+    async def check(self, account: str, trigger: StreamTrigger) -> None:
+        """Both accounts must be account keys NATS knows, checked before anything is stored."""
+        source, target = c.accounts_of(account, trigger)
+        self._check_account(source, "the caller's account (token claim `account`)", "$")
+        self._check_account(target, "`target.account`", "$.target.account")
+        if target != source and not await self._exists(target):
+            raise BadRequest(f"NATS knows no account {target} - at `$.target.account`")
+
     async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
         """Push the export, then the import; return once the servers applied both."""
         await self._ensure(key, trigger, always_push=True)
@@ -98,10 +106,6 @@ class AccountsCarrier:
 
     async def _ensure(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
         source, target = c.accounts_of(split_key(key)[0], trigger)
-        self._check_account(source, "the caller's account (token claim `account`)", "$")
-        self._check_account(target, "`target.account`", "$.target.account")
-        if target != source and not await self._exists(target):  # before anything is pushed
-            raise BadRequest(f"NATS knows no account {target} - at `$.target.account`")
         export = c.Entry(trigger.created_at, c.export_of(trigger))
         imported = c.Entry(trigger.created_at, c.import_of(source, trigger))
 
