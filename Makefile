@@ -34,7 +34,7 @@ run: setup ## local NATS with JetStream + service + sidecar, with a development 
 	$(PY) -m service.devstack
 
 run-accounts: setup ## the same stack in accounts (operator) mode
-	$(PY) -m service.devstack --accounts
+	$(PY) -m service.accounts.devstack
 
 test: setup ## the full test suite (starts its own nats-server on a random port)
 	$(PY) -m pytest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import NoReturn
 
 from service import config, log
 
@@ -12,8 +13,12 @@ def _settings() -> config.Settings:
     try:
         return config.load()
     except config.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _refuse(exc)
+
+
+def _refuse(exc: config.ConfigError) -> NoReturn:
+    print(f"configuration error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def service_main(argv: list[str] | None = None) -> None:
@@ -30,7 +35,10 @@ def service_main(argv: list[str] | None = None) -> None:
     log.configure(settings.log_level, settings.log_format)
     from service.app import serve
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except config.ConfigError as exc:  # found at start-up, e.g. a signing key the servers do not trust
+        _refuse(exc)
 
 
 def gateway_main(argv: list[str] | None = None) -> None:

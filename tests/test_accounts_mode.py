@@ -334,6 +334,28 @@ async def test_accounts_must_be_nats_account_keys(service: Api, tenants: list[Te
     assert reply.status == 401, reply.envelope  # the token does not name that account
 
 
+async def test_a_rejected_target_account_leaves_no_record(service: Api, tenants: list[Tenant]) -> None:
+    a = tenants[0]
+    name = unique()
+    stranger = jwt.public_key(jwt.new_key("account"))
+    reply = await create(a, stream_body(name, "y.s", "y.d", account=stranger), Tenant(stranger, "", a.nc))
+    assert reply.status == 400, reply.envelope
+    history = await request(a.nc, f"{API}.history.stream.{name}", headers=a.token(), account=None)
+    assert history.status == 404
+
+
+async def test_a_cycle_across_accounts_is_refused(service: Api, tenants: list[Tenant]) -> None:
+    a, b = tenants[0], tenants[1]
+    base = unique("cyc")
+    there = await create(a, stream_body(unique(), f"{base}.a", f"{base}.b", account=b.key), b)
+    assert there.status == 201, there.envelope
+    back = await create(b, stream_body(unique(), f"{base}.b", f"{base}.a", account=a.key), a)
+    assert back.status == 400, back.envelope
+    assert "cycle" in back.envelope["error"]
+    elsewhere = await create(b, stream_body(unique(), f"{base}.b", f"{base}.c", account=a.key), a)
+    assert elsewhere.status == 201, elsewhere.envelope
+
+
 async def test_a_restarted_service_re_pushes_the_current_jwts(
     operator: Operator, tenants: list[Tenant], system_nc: Client
 ) -> None:
@@ -451,7 +473,7 @@ async def test_the_service_refuses_to_start_with_a_key_the_servers_do_not_trust(
 ) -> None:
     seed = tmp_path / "other.nk"
     seed.write_text(jwt.seed_of(jwt.new_key("operator")))
-    with pytest.raises(RuntimeError, match="TRIGGER_OPERATOR_SEED"):
+    with pytest.raises(config.ConfigError, match="TRIGGER_OPERATOR_SEED"):
         async with running(operator.settings(TRIGGER_OPERATOR_SEED=str(seed))):
             pass
 

@@ -13,7 +13,7 @@ from nats.aio.client import Client
 
 from service import log
 from service.accounts import jwt
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.errors import ApiError, BadRequest, Internal, Unavailable
 
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
@@ -26,7 +26,7 @@ LOOKUP_WAIT = 0.5  # seconds to wait for a server that knows the account
 _log = log.get("accounts")
 
 
-class StartupError(RuntimeError):
+class StartupError(ConfigError):
     """Accounts mode cannot work with this configuration; the message says why."""
 
 
