@@ -16,12 +16,11 @@ from msgspec import Meta
 # --- constraints -----------------------------------------------------------------------------
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
-# A NATS subject: dot-separated non-empty tokens without whitespace; `*` and `>` only as whole
-# tokens, `>` only as the last one.
-SUBJECT_PATTERN = r"^(?:(?:\*|[^\s.*>]+)\.)*(?:\*|>|[^\s.*>]+)$"
-# A literal NATS subject (no wildcards), used where a concrete subject is required.
-LITERAL_SUBJECT_PATTERN = r"^[^\s.*>]+(?:\.[^\s.*>]+)*$"
-PATH_PATTERN = r"^/[^\s?#]*$"
+# A NATS subject: dot-separated non-empty tokens without whitespace or control characters; `*` and
+# `>` only as whole tokens, `>` only as the last one. Explicit character classes rather than `\s`,
+# so Python and the JSON Schema (ECMA) reading of the published document agree.
+SUBJECT_PATTERN = r"^(?:(?:\*|[^\x00-\x20\x7f.*>]+)\.)*(?:\*|>|[^\x00-\x20\x7f.*>]+)$"
+PATH_PATTERN = r"^/[^\x00-\x20\x7f?#]*$"
 VERSION_PATTERN = r"^[A-Za-z0-9_-]+$"
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -30,7 +29,6 @@ PATTERN_RULES: dict[str, str] = {
     NAME_PATTERN: "1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
     SUBJECT_PATTERN: "a valid NATS subject (non-empty dot-separated tokens, no whitespace, "
     "'*' and '>' only as whole tokens, '>' only last)",
-    LITERAL_SUBJECT_PATTERN: "a valid NATS subject without wildcards",
     PATH_PATTERN: "a path starting with '/', without query, fragment or whitespace",
     VERSION_PATTERN: "a single subject token of A-Z a-z 0-9 _ -",
     ACCOUNT_PATTERN: "1-128 characters of A-Z a-z 0-9 _ -",
