@@ -93,7 +93,11 @@ async def run_cases(bench: Bench, only: set[str] | None) -> None:
             await case(bench)
         except Exception as exc:
             traceback.print_exc()
-            bench.rows.append(Row(title, Metric("-", "", True), note=f"failed: {type(exc).__name__}: {exc}"))
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+            detail = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            bench.rows.append(
+                Row(title, Metric("-", "", True), note=f"failed: {type(exc).__name__}: {detail}")
+            )
         print(f"   {time.monotonic() - started:.1f} s", flush=True)
 
 
