@@ -55,7 +55,7 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect(settings, "trigger-service")
         stack.push_async_callback(nc.drain)
-        store = await TriggerStore.open(nc.jetstream(), settings.bucket, settings.replicas)
+        store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
         carrier = make_carrier(settings, nc, store)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving

@@ -7,19 +7,17 @@ D -> S for a `service` trigger (requests go from D to the responders on S).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 from types import TracebackType
 
 from schemas.triggers import StreamTrigger
-from service import log, subjects
-from service.store import TriggerStore, split_key
+from service import subjects
+from service.store import Change, TriggerStore, split_key
 
 Node = tuple[str, str]
 Edge = tuple[Node, Node]
 SHARED = ""
-_log = log.get("graph")
 
 
 def edge_of(account: str, trigger: StreamTrigger, single: bool) -> Edge:
@@ -45,45 +43,22 @@ class RouteGraph:
         self._edges: dict[str, tuple[int, Edge | None]] = {}  # key -> (revision, edge or None=gone)
         self._by_token: dict[tuple[str, str], set[str]] = {}  # (space, first token of tail) -> keys
         self._wild: dict[str, Edge] = {}  # edges whose tail starts with a wildcard
-        self._follower: asyncio.Task[None] | None = None
+        self._following = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> RouteGraph:
         """Load every live route, then keep following the bucket."""
-        ready = asyncio.Event()
-
-        async def on_ready() -> None:
-            ready.set()
-
-        async def follow() -> None:
-            while True:
-                try:
-                    async for change in self._store.follow("*.stream.*", on_ready=on_ready):
-                        if change.record is None or isinstance(change.record, StreamTrigger):
-                            self.apply(change.key, change.revision, change.record)
-                except Exception:
-                    if not ready.is_set():
-                        raise
-                    _log.exception("following the bucket failed; following it again")
-                    await asyncio.sleep(1)
-
-        self._follower = asyncio.create_task(follow())
-        waiting = asyncio.create_task(ready.wait())
-        try:
-            await asyncio.wait({self._follower, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if self._follower.done():
-                self._follower.result()
-        finally:
-            waiting.cancel()
+        await self._following.enter_async_context(self._store.following("*.stream.*", self._apply_change))
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Stop following the bucket."""
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await self._following.aclose()
+
+    async def _apply_change(self, change: Change) -> None:
+        if change.record is None or isinstance(change.record, StreamTrigger):
+            self.apply(change.key, change.revision, change.record)
 
     def apply(self, key: str, revision: int, trigger: StreamTrigger | None) -> None:
         """Record a trigger's state at `revision` (None: no longer live); older news is ignored."""

@@ -8,15 +8,17 @@ overwrite each other. A delete is a poison pill: a new revision whose record has
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext, api
+from nats.aio.client import Client
+from nats.js import api
 from nats.js.kv import KeyValue
 
 from schemas.triggers import Trigger
@@ -28,6 +30,9 @@ _log = log.get("store")
 _STREAM_NOT_FOUND = 10059
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(Trigger).decode
+_RECONNECT_CHECK = 0.25  # seconds between looks at the connection's reconnect count while idle
+_RETRY_MIN, _RETRY_MAX = 0.1, 2.0  # seconds between attempts to watch a failing bucket again
+_IDLE = object()  # no watch entry arrived in a while
 T = TypeVar("T")
 
 
@@ -61,6 +66,9 @@ class Change(msgspec.Struct, frozen=True):
     record: Trigger | None
 
 
+Apply = Callable[[Change], Awaitable[None]]
+
+
 class Revision(msgspec.Struct, frozen=True):
     """One stored revision of a key."""
 
@@ -90,19 +98,25 @@ async def _guard(call: Awaitable[T]) -> T:
         raise
 
 
+class _Reconnected(Exception):
+    """The connection reconnected: the watch's consumer may have gone with a restarted server."""
+
+
 class TriggerStore:
     """Trigger records in one KV bucket."""
 
-    def __init__(self, kv: KeyValue, bucket: str) -> None:
+    def __init__(self, nc: Client, kv: KeyValue, bucket: str) -> None:
+        self._nc = nc  # its reconnects tell `follow` to watch again
         self.kv = kv
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: JetStreamContext, bucket: str, replicas: int = 1) -> TriggerStore:
-        """Bind the bucket, creating it when missing; an existing bucket is used as it is."""
+    async def open(cls, nc: Client, bucket: str, replicas: int = 1) -> TriggerStore:
+        """Bind the bucket over `nc`, creating it when missing; an existing bucket is used as it is."""
+        js = nc.jetstream()
         for _ in range(5):
             try:
-                return cls(await js.key_value(bucket), bucket)
+                return cls(nc, await js.key_value(bucket), bucket)
             except nats.js.errors.BucketNotFoundError:
                 pass
             config = api.KeyValueConfig(
@@ -113,7 +127,7 @@ class TriggerStore:
                 description="Trigger Service records",
             )
             with contextlib.suppress(nats.js.errors.BadRequestError):  # another replica won the race
-                return cls(await js.create_key_value(config), bucket)
+                return cls(nc, await js.create_key_value(config), bucket)
         raise Unavailable(f"could not create or bind the KV bucket {bucket!r}")
 
     async def get(self, key: str) -> tuple[Trigger, int]:
@@ -193,9 +207,11 @@ class TriggerStore:
     async def live(self, key_pattern: str) -> list[tuple[str, Trigger]]:
         """Every live record whose key matches `key_pattern`, filtered by the server."""
         found: list[tuple[str, Trigger]] = []
-        async for change in self._watch(key_pattern, follow=False):
-            if change.record is not None:
-                found.append((change.key, change.record))
+        async with self._watcher(key_pattern) as watcher:
+            while (entry := await watcher.updates(timeout=None)) is not None:
+                change = _change(entry)
+                if change.record is not None:
+                    found.append((change.key, change.record))
         return found
 
     async def history(self, key: str) -> list[Revision]:
@@ -235,47 +251,142 @@ class TriggerStore:
 
     async def raw_keys(self, key_pattern: str) -> list[str]:
         """Every key matching `key_pattern` that holds a value."""
-        watcher: Any = await _guard(self.kv.watch(key_pattern, ignore_deletes=True, meta_only=True))
         keys: list[str] = []
-        try:
+        async with self._watcher(key_pattern, ignore_deletes=True, meta_only=True) as watcher:
             while (entry := await watcher.updates(timeout=None)) is not None:
                 keys.append(entry.key)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
         return keys
 
     async def follow(
         self, key_pattern: str, on_ready: Callable[[], Awaitable[None]] | None = None
-    ) -> AsyncIterator[Change]:
+    ) -> AsyncGenerator[Change, None]:
         """Every live record matching `key_pattern`, then every later change, forever.
 
-        `on_ready` is awaited once the records that existed at the start have all been yielded.
+        `on_ready` is awaited once, when the records that existed at the start have all been
+        yielded; until then a failure ends the iteration with its error. Later, when the watch
+        fails, the connection reconnects, or the consumer throws an exception in at a change
+        (`athrow`), the bucket is watched again from a fresh snapshot: its records are yielded
+        again, and a key yielded as live but missing from it is yielded as no longer live.
         """
-        async for change in self._watch(key_pattern, follow=True, on_ready=on_ready):
-            yield change
+        live: dict[str, int] = {}  # key -> revision of the record last yielded as live
+        loaded = False
+        retry = _RETRY_MIN
+        while True:
+            loading, snapshot, newest = True, set(), 0  # this watch's snapshot: keys, highest revision
+            try:
+                async with contextlib.aclosing(self._watch(key_pattern)) as changes:
+                    async for change in changes:
+                        if change is None:  # the snapshot is complete
+                            # A missing key stopped being live before `newest`: a revision that
+                            # retires its route but is older than any later record of the key.
+                            for key in [key for key in live if key not in snapshot]:
+                                yield Change(key, max(newest, live.pop(key)), None)
+                            loading, retry = False, _RETRY_MIN
+                            if not loaded:
+                                if on_ready is not None:
+                                    await on_ready()
+                                loaded = True
+                            continue
+                        if loading:
+                            snapshot.add(change.key)
+                            newest = max(newest, change.revision)
+                        if change.record is None:
+                            live.pop(change.key, None)
+                        else:
+                            live[change.key] = change.revision
+                        yield change
+            except _Reconnected:
+                _log.info("reconnected to NATS; watching the bucket again", keys=key_pattern)
+            except Exception:
+                if not loaded:
+                    raise
+                _log.exception("following the bucket failed; watching it again", keys=key_pattern)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, _RETRY_MAX)
 
-    async def _watch(
+    @contextlib.asynccontextmanager
+    async def following(
         self,
         key_pattern: str,
-        *,
-        follow: bool,
+        apply: Apply,
         on_ready: Callable[[], Awaitable[None]] | None = None,
-    ) -> AsyncIterator[Change]:
-        watcher = await _guard(self.kv.watch(key_pattern))
+    ) -> AsyncIterator[None]:
+        """Apply every change of `follow(key_pattern)` in a task; entered once the first snapshot is applied.
+
+        Entering fails with the error that stopped the first load. When `apply` fails on a change
+        later, the bucket is watched again (and the change applied again). Leaving stops the task.
+        """
+        loaded = asyncio.get_running_loop().create_future()
+
+        async def ready() -> None:
+            if on_ready is not None:
+                await on_ready()
+            loaded.set_result(None)
+
+        task = asyncio.create_task(self._apply_all(key_pattern, apply, ready), name=f"follow {key_pattern}")
         try:
+            await asyncio.wait({task, loaded}, return_when=asyncio.FIRST_COMPLETED)
+            if not loaded.done():
+                task.result()  # the first load failed: its error
+                raise Unavailable(f"stopped following {key_pattern} before loading it")
+            yield
+        finally:
+            await _stop(task)
+            loaded.cancel()
+
+    async def _apply_all(
+        self, key_pattern: str, apply: Apply, on_ready: Callable[[], Awaitable[None]]
+    ) -> None:
+        async with contextlib.aclosing(self.follow(key_pattern, on_ready)) as changes:
+            change = await anext(changes)
             while True:
-                entry: Any = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
-                if entry is None:  # the initial values have all been delivered
-                    if on_ready is not None:
-                        await on_ready()
-                    if not follow:
-                        return
-                    continue
-                yield _change(entry)
+                try:
+                    await apply(change)
+                except Exception as exc:
+                    change = await changes.athrow(exc)  # `follow` watches again, or fails the start-up
+                else:
+                    change = await anext(changes)
+
+    async def _watch(self, key_pattern: str) -> AsyncGenerator[Change | None, None]:
+        """One watch: its snapshot, None, then its changes; _Reconnected when the connection reconnects.
+
+        After a reconnect the watch's consumer may be gone (a restarted server), and nats-py would
+        not notice: `kv.watch` sets no idle heartbeat.
+        """
+        reconnects = self._nc.stats["reconnects"]
+        async with self._watcher(key_pattern) as watcher:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=_RECONNECT_CHECK)
+                except nats.errors.TimeoutError:
+                    entry = _IDLE
+                if self._nc.stats["reconnects"] != reconnects:
+                    raise _Reconnected
+                if entry is None:
+                    yield None
+                elif isinstance(entry, KeyValue.Entry):
+                    yield _change(entry)
+                elif entry is not _IDLE:
+                    raise Unavailable("the bucket watch was stopped")
+
+    @contextlib.asynccontextmanager
+    async def _watcher(self, key_pattern: str, **options: bool) -> AsyncIterator[Any]:
+        """A KV watcher (its initial values end with None), stopped on the way out."""
+        watcher: Any = await _guard(self.kv.watch(key_pattern, **options))
+        try:
+            yield watcher
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` until it is done: nats-py swallows a cancellation that lands in a publish."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()  # retrieved: the start-up already reported it
 
 
 def _change(entry: Any) -> Change:

@@ -38,7 +38,6 @@ STREAM_KEYS = "*.stream.*"  # every account: single-account mode shares one subj
 # A burst must wait in the client's queue, never be dropped as a slow consumer.
 PENDING_MSGS_LIMIT = 1_000_000
 PENDING_BYTES_LIMIT = 1 << 30
-FOLLOW_RETRY_SECONDS = 1.0
 
 _log = log.get("streams")
 
@@ -63,7 +62,7 @@ class SubscriptionCarrier:
         self._store = store
         self._connect = connect
         self._data: Client | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._following = contextlib.AsyncExitStack()
         self._routes: dict[str, _Route] = {}
         self._ended: dict[str, int] = {}  # key -> highest revision known to be no longer live
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -72,18 +71,11 @@ class SubscriptionCarrier:
     async def __aenter__(self) -> SubscriptionCarrier:
         """Connect the data plane and return once every live trigger of the bucket is carried."""
         self._data = await self._connect(self._settings, "trigger-service-routes")
-        ready = asyncio.Event()
-        self._follower = asyncio.create_task(self._follow(ready))
-        waiting = asyncio.create_task(ready.wait())
         try:
-            await asyncio.wait({self._follower, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if self._follower.done():
-                self._follower.result()  # the bucket could not be read: fail the start-up
+            await self._following.enter_async_context(self._store.following(STREAM_KEYS, self._apply))
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
-        finally:
-            waiting.cancel()
         return self
 
     async def __aexit__(
@@ -93,10 +85,7 @@ class SubscriptionCarrier:
         tb: TracebackType | None,
     ) -> None:
         """Stop following the bucket, then finish the messages in hand and close the data plane."""
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.wait({self._follower})
-            self._follower = None
+        await self._following.aclose()
         self._routes.clear()
         data, self._data = self._data, None
         if data is not None and not data.is_closed:
@@ -133,34 +122,19 @@ class SubscriptionCarrier:
 
     # --- following the bucket -----------------------------------------------------------------
 
-    async def _follow(self, ready: asyncio.Event) -> None:
-        """Apply every change of the bucket's stream triggers, following again after a failure."""
-
-        async def on_ready() -> None:
-            ready.set()
-
-        while True:
-            try:
-                async for change in self._store.follow(STREAM_KEYS, on_ready=on_ready):
-                    await self._apply(change)
-            except Exception:
-                if not ready.is_set():
-                    raise
-                _log.exception("following the bucket failed; following it again")
-            await asyncio.sleep(FOLLOW_RETRY_SECONDS)  # back-off before the next attempt
-
     async def _apply(self, change: Change) -> None:
+        """Bring the routes in line with one change of the bucket (again and again: idempotent)."""
         if isinstance(change.record, StreamTrigger):
             await self.activate(change.key, change.revision, change.record)
         elif change.record is None:
             await self._retire(change.key, change.revision)
 
     async def _retire(self, key: str, revision: int) -> None:
-        """The key stopped being live at `revision`: stop any route created before it."""
+        """The key is not live at `revision`: stop any route created at or before it."""
         async with self._lock(key):
             self._ended[key] = max(self._ended.get(key, 0), revision)
             current = self._routes.get(key)
-            if current is not None and current.revision < revision:
+            if current is not None and current.revision <= revision:
                 del self._routes[key]
                 await self._stop(key, current)
 

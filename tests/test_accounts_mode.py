@@ -387,7 +387,7 @@ async def test_a_trigger_deleted_while_no_service_ran_loses_its_pair_at_the_next
     async with running(settings):
         reply = await create(a, stream_body(name, f"{base}.s", f"{base}.d", account=b.key), b)
         assert reply.status == 201, reply.envelope
-    store = await TriggerStore.open(nc_service.jetstream(), settings.bucket)
+    store = await TriggerStore.open(nc_service, settings.bucket)
     await store.mark_deleted(key_of(a.key, "stream", name))  # as a replica that crashed before deactivating
     assert "exports" in await current_claims(system_nc, a.key)
     async with running(settings):

@@ -418,7 +418,7 @@ def stream_trigger(source: str, destination: str) -> StreamTrigger:
 async def test_carrier_applies_events_by_revision_and_never_revives_a_deleted_route(nc, settings):
     source, destination = subjects()
     old, new, witness = [await Inbox.on(nc, f"{destination}.{i}") for i in ("old", "new", "witness")]
-    store = await TriggerStore.open(nc.jetstream(), settings.bucket)
+    store = await TriggerStore.open(nc, settings.bucket)
     first, second = stream_trigger(source, f"{destination}.old"), stream_trigger(source, f"{destination}.new")
     async with SubscriptionCarrier(settings, store, connect) as carrier:
         await carrier.activate("acme.stream.witness", 1, stream_trigger(source, f"{destination}.witness"))

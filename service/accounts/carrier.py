@@ -26,7 +26,7 @@ from service.accounts import jwt
 from service.accounts.system import SystemAccount
 from service.config import Settings
 from service.errors import BadRequest, NotFound, Unavailable
-from service.store import TriggerStore, split_key
+from service.store import Change, TriggerStore, split_key
 
 STREAM_KEYS = "*.stream.*"
 _ATTEMPTS = 64
@@ -45,7 +45,8 @@ class AccountsCarrier:
         self.store = store
         self._system: SystemAccount | None = None
         self._known: dict[str, StreamTrigger] = {}
-        self._follower: asyncio.Task[None] | None = None
+        self._following = contextlib.AsyncExitStack()
+        self._loaded = False  # the start-up reconciliation is done: changes are carried as they come
         self._stopping = False
         self._reconciling: asyncio.Task[None] | None = None
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
@@ -59,25 +60,17 @@ class AccountsCarrier:
 
     async def __aenter__(self) -> AccountsCarrier:
         self._system = await SystemAccount.open(self.settings, on_reconnect=self._on_reconnect)
-        ready = asyncio.Event()
-        self._follower = asyncio.create_task(self._follow(ready), name="accounts-follower")
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({waiter, self._follower}, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.is_set():
-            waiter.cancel()
+        following = self.store.following(STREAM_KEYS, self._apply, on_ready=self._loaded_all)
+        try:
+            await self._following.enter_async_context(following)
+        except BaseException:
             await self.__aexit__()
-            raise RuntimeError("the accounts follower stopped before the start-up reconciliation")
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
-        if self._follower is not None:
-            # nats-py swallows a cancellation that lands in a publish: cancel until it is done.
-            while not self._follower.done():
-                self._follower.cancel()
-                await asyncio.wait({self._follower}, timeout=0.5)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                self._follower.result()
+        await self._following.aclose()
         if self._reconciling is not None:
             self._reconciling.cancel()
         if self._system is not None:
@@ -215,32 +208,21 @@ class AccountsCarrier:
         except Exception:
             _log.exception("reconciliation after a reconnection failed")
 
-    async def _follow(self, ready: asyncio.Event) -> None:
-        """Keep every account's JWT in line with the live triggers, in this and every replica."""
+    async def _loaded_all(self) -> None:
+        """Every live trigger is known: make every account's JWT match them, in this and every replica."""
+        await self._reconcile()
+        self._loaded = True
 
-        async def on_ready() -> None:
-            await self._reconcile()
-            ready.set()
-
-        while not self._stopping:
-            try:
-                async for change in self.store.follow(STREAM_KEYS, on_ready=on_ready):
-                    if self._stopping:
-                        return
-                    await self._apply(change.key, change.record, ready.is_set())
-            except Exception:
-                if self._stopping or not ready.is_set():
-                    raise
-                _log.exception("lost the bucket watch; following it again")
-                await asyncio.sleep(1)
-
-    async def _apply(self, key: str, record: object, ready: bool) -> None:
-        """Bring the JWTs in line with one change of a trigger record."""
+    async def _apply(self, change: Change) -> None:
+        """Bring the JWTs in line with one change of a trigger record (again and again: idempotent)."""
+        if self._stopping:
+            return
+        key, record = change.key, change.record
         previous = self._known.pop(key, None)
         try:
             if isinstance(record, StreamTrigger):
                 self._known[key] = record
-                if ready:
+                if self._loaded:
                     if previous is not None and previous.created_at != record.created_at:
                         await self._remove(key, previous, always_push=False)
                     await self._ensure(key, record, always_push=False)

@@ -44,7 +44,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect(settings, "trigger-gateway")
         stack.push_async_callback(nc.drain)
-        store = await TriggerStore.open(nc.jetstream(), settings.bucket, settings.replicas)
+        store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
         routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
         app = build_app(settings, TriggerApi(settings, nc), routes, max(MAX_BODY, nc.max_payload))

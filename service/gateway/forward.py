@@ -8,7 +8,6 @@ the reply becomes the HTTP response.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import random
@@ -62,9 +61,6 @@ _DROPPED = frozenset(
 _JSON_OBJECT_START = frozenset(b"{ \t\r\n")
 _RESERVED_HEADERS_CHARS = 200  # the Http-* and Trigger-Account headers, without path and query
 _NATS_HEADER_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
-
-_RECONNECT_CHECK = 0.25  # seconds between looks at the connection's reconnect count
-_RETRY_MIN, _RETRY_MAX = 0.1, 2.0  # seconds between attempts to renew a failed bucket watch
 
 _log = log.get("gateway")
 _encode = msgspec.json.Encoder().encode
@@ -135,26 +131,11 @@ class GatewayRoutes:
         self._routes: dict[tuple[str, str], Route] = {}
         self._by_key: dict[str, Route] = {}
         self._methods: dict[str, set[str]] = {}  # path -> methods served, for 405 and `Allow`
-        self._task: asyncio.Task[None] | None = None
-        self._retry = _RETRY_MIN
+        self._following = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> GatewayRoutes:
         """Load every live gateway trigger, then follow the bucket's changes."""
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(ready), name="gateway-routes")
-        try:
-            await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            await self._stop()
-            raise
-        if not ready.done():  # the follower ended before the first snapshot was loaded
-            ready.cancel()
-            await self._stop()
-            raise Unavailable("could not load the gateway triggers from the bucket")
-        failure = ready.exception()
-        if failure is not None:
-            await self._stop()
-            raise failure
+        await self._following.enter_async_context(self._store.following(KEY_PATTERN, self._apply))
         _log.info("routes loaded", routes=len(self._routes), bucket=self._store.bucket)
         return self
 
@@ -162,64 +143,11 @@ class GatewayRoutes:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Stop following the bucket."""
-        await self._stop()
-
-    async def _stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._following.aclose()
 
     # --- following the bucket ----------------------------------------------------------------
 
-    async def _follow(self, ready: asyncio.Future[None]) -> None:
-        """Follow the bucket for good; after a failure or a reconnect, watch again from a fresh snapshot.
-
-        A reconnect may land on a restarted server that lost the watch's consumer, and nats-py
-        notices that only after two missed heartbeats (10 s): the watch is renewed at once instead.
-        """
-        while True:
-            reconnects = self._nc.stats["reconnects"]
-            watch = asyncio.create_task(self._follow_once(ready))
-            try:
-                while not watch.done() and self._nc.stats["reconnects"] == reconnects:
-                    await asyncio.wait({watch}, timeout=_RECONNECT_CHECK)
-            finally:
-                if not watch.done():
-                    watch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watch
-            if watch.cancelled():
-                _log.info("reconnected to NATS; reloading the gateway routes")
-                continue
-            exc = watch.exception()
-            if exc is not None and not ready.done():
-                ready.set_exception(exc)  # the first load failed: the sidecar cannot start
-                return
-            _log.warning("bucket watch ended; restarting", error=repr(exc))
-            await asyncio.sleep(self._retry)
-            self._retry = min(self._retry * 2, _RETRY_MAX)
-
-    async def _follow_once(self, ready: asyncio.Future[None]) -> None:
-        seen: set[str] | None = set()
-
-        async def snapshot_loaded() -> None:
-            nonlocal seen
-            # A renewed watch replaces the table: keys missing from the new snapshot are gone.
-            for key in [key for key in self._by_key if seen is not None and key not in seen]:
-                self._remove(key)
-            seen = None
-            self._retry = _RETRY_MIN
-            if not ready.done():
-                ready.set_result(None)
-
-        async for change in self._store.follow(KEY_PATTERN, on_ready=snapshot_loaded):
-            if seen is not None:
-                seen.add(change.key)
-            self._apply(change)
-
-    def _apply(self, change: Change) -> None:
+    async def _apply(self, change: Change) -> None:
         record = change.record
         if not isinstance(record, GatewayTrigger):
             self._remove(change.key)
