@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: tokens, requests, polling with a deadline."""
+"""Helpers shared by the tests: tokens, requests, polling with a deadline, inboxes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from service.auth import mint
 
@@ -105,3 +106,36 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class Inbox:
+    """Every message delivered to one subscription, in arrival order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Msg] = []
+
+    @classmethod
+    async def on(cls, nc: Client, subject: str) -> Inbox:
+        """Subscribe to `subject`; return once the server has the subscription."""
+        inbox = cls()
+
+        async def received(msg: Msg) -> None:
+            inbox.messages.append(msg)
+
+        await nc.subscribe(subject, cb=received)
+        await asyncio.sleep(0)
+        await nc.flush()
+        return inbox
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [m.data for m in self.messages]
+
+    async def first(self) -> Msg:
+        """The first message, once there is one."""
+        await eventually(lambda: self.messages)
+        return self.messages[0]
+
+    async def wait_for(self, *payloads: bytes, timeout: float = 5.0) -> None:
+        """Return once every one of `payloads` has arrived."""
+        await eventually(lambda: set(payloads) <= set(self.payloads), timeout=timeout)

@@ -30,7 +30,7 @@ from service.natsserver import NatsServer
 from service.routing import Api
 from service.store import TriggerStore, key_of
 from tests.conftest import make_settings
-from tests.support import Reply, eventually, request, token, unique
+from tests.support import Inbox, Reply, eventually, request, token, unique
 
 API = "ms.trigger"
 
@@ -138,33 +138,6 @@ async def current_claims(system_nc: Client, account: str) -> dict[str, Any]:
     """The account's claims as the server holds them now."""
     msg = await system_nc.request(f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP", b"", timeout=5)
     return jwt.decode(msg.data.decode())["nats"]  # type: ignore[no-any-return]
-
-
-class Inbox:
-    """Every message delivered to one subscription, in arrival order."""
-
-    def __init__(self) -> None:
-        self.messages: list[Msg] = []
-
-    @classmethod
-    async def on(cls, nc: Client, subject: str) -> Inbox:
-        inbox = cls()
-
-        async def received(msg: Msg) -> None:
-            inbox.messages.append(msg)
-
-        await nc.subscribe(subject, cb=received)
-        await asyncio.sleep(0)
-        await nc.flush()
-        return inbox
-
-    @property
-    def payloads(self) -> list[bytes]:
-        return [m.data for m in self.messages]
-
-    async def first(self) -> Msg:
-        await eventually(lambda: self.messages)
-        return self.messages[0]
 
 
 def stream_body(

@@ -16,36 +16,10 @@ from service.app import connect, running
 from service.config import Settings
 from service.store import TriggerStore, now_rfc3339
 from service.streams import SubscriptionCarrier
-from tests.support import Reply, eventually, request, stream_request, unique
+from tests.support import Inbox, Reply, eventually, request, stream_request, unique
 
 BINARY = bytes(range(256)) * 4
 OTHER = "other.trigger"
-
-
-class Inbox:
-    """Every message delivered on a subject, in arrival order."""
-
-    def __init__(self) -> None:
-        self.messages: list[Msg] = []
-
-    @classmethod
-    async def on(cls, nc: Client, subject: str) -> Inbox:
-        inbox = cls()
-
-        async def received(msg: Msg) -> None:
-            inbox.messages.append(msg)
-
-        await nc.subscribe(subject, cb=received)
-        await asyncio.sleep(0)
-        await nc.flush()
-        return inbox
-
-    @property
-    def payloads(self) -> list[bytes]:
-        return [m.data for m in self.messages]
-
-    async def wait_for(self, *payloads: bytes, timeout: float = 5.0) -> None:
-        await eventually(lambda: set(payloads) <= set(self.payloads), timeout=timeout)
 
 
 async def create(nc: Client, source: str, target: str | None, *, name: str | None = None,
