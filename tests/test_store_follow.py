@@ -1,0 +1,146 @@
+"""Followers of the bucket (stream routes, the route graph) keep following it when nats-server restarts.
+
+After a restart the KV watch's consumer is gone with the old server: every follower must watch
+again from a fresh snapshot, or it silently stops seeing the changes other replicas make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+
+from service.app import running
+from service.config import Settings
+from service.natsserver import NatsServer
+from tests.conftest import make_settings
+from tests.support import Inbox, Reply, eventually, request, stream_request, unique
+
+API, OTHER = "ms.trigger", "other.trigger"
+
+
+class Restartable:
+    """A private nats-server that can be restarted on its port, with the store it had or an empty one."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.server = NatsServer(store_dir=store_dir).start()
+        self.url = self.server.url
+
+    def restart(self, store_dir: Path) -> None:
+        port = self.server.port
+        self.server.stop()
+        self.server = NatsServer(store_dir=store_dir, extra_args=("-p", str(port))).start()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Restartable]:
+    """A server of the test's own: restarting the session's one would disturb every other test."""
+    restartable = Restartable(tmp_path / "store")
+    yield restartable
+    restartable.server.stop()
+
+
+@pytest.fixture
+async def client(server: Restartable) -> AsyncIterator[Client]:
+    """The test's connection, reconnecting quickly after a restart."""
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    yield nc
+    await nc.close()
+
+
+def other_replica(settings: Settings) -> Settings:
+    """Another replica on the same bucket, answering on its own prefix: it makes the changes that
+    the replica under test can only learn by following the bucket."""
+    return msgspec.structs.replace(settings, prefix=OTHER)
+
+
+async def create(nc: Client, prefix: str, source: str, target: str) -> Reply:
+    return await request(nc, f"{prefix}.create.stream", stream_request(unique(), source, target))
+
+
+async def created(nc: Client, prefix: str, source: str, target: str) -> str:
+    reply = await create(nc, prefix, source, target)
+    assert reply.status == 201, reply.envelope
+    return str(reply.body["name"])
+
+
+async def carried(nc: Client, source: str, inbox: Inbox, timeout: float = 10.0) -> None:
+    """Publish on the source until a message shows up in the inbox (the route may not be live yet)."""
+    payload = unique().encode()
+
+    async def probe() -> bool:
+        await nc.publish(source, payload)
+        await nc.flush()
+        return payload in inbox.payloads
+
+    await eventually(probe, timeout=timeout, interval=0.05)
+
+
+async def not_carried_any_more(nc: Client, source: str, gone: Inbox, live: Inbox) -> None:
+    """Messages on the source reach the live route's inbox and none reaches the stopped one's."""
+    after = [unique().encode() for _ in range(20)]
+    for payload in after:
+        await nc.publish(source, payload)
+    await live.wait_for(*after)
+    assert not set(gone.payloads) & set(after)
+
+
+async def test_stream_routes_and_the_route_graph_follow_changes_made_after_a_restart(
+    server: Restartable, client: Client, tmp_path: Path
+) -> None:
+    base = unique("s")
+    source = f"{base}.src"
+    old, second = await Inbox.on(client, f"{base}.old"), await Inbox.on(client, f"{base}.w2")
+    settings = make_settings(server.url)
+    async with running(settings):
+        name = await created(client, API, source, f"{base}.old")
+        await carried(client, source, old)
+
+        server.restart(tmp_path / "store")
+        async with running(other_replica(settings)):
+            await created(client, OTHER, source, f"{base}.w1")
+            reply = await request(client, f"{OTHER}.delete.stream.{name}")
+            assert reply.status == 200, reply.envelope
+            await created(client, OTHER, source, f"{base}.w2")
+
+        # Only the replica under test is left, and it applies the bucket's changes in order.
+        await carried(client, source, second)
+        await not_carried_any_more(client, source, old, second)
+
+        # Its route graph followed too: the deleted route no longer blocks its reverse (until
+        # then the create is refused, storing nothing), and the route made before the delete
+        # closes a cycle.
+        async def reverse_accepted() -> bool:
+            return (await create(client, API, f"{base}.old", source)).status == 201
+
+        await eventually(reverse_accepted, timeout=10.0)
+        cycle = await create(client, API, f"{base}.w1", source)
+        assert cycle.status == 400, cycle.envelope
+        assert "would close a cycle" in cycle.envelope["error"]
+
+
+async def test_a_route_missing_from_the_bucket_after_a_restart_stops_being_carried(
+    server: Restartable, client: Client, tmp_path: Path
+) -> None:
+    """The server comes back with an empty store: the routes it no longer holds stop."""
+    base = unique("s")
+    source = f"{base}.src"
+    old, first, second = [await Inbox.on(client, f"{base}.{i}") for i in ("old", "w1", "w2")]
+    settings = make_settings(server.url)
+    async with running(settings):
+        await created(client, API, source, f"{base}.old")
+        await carried(client, source, old)
+
+        server.restart(tmp_path / "empty")
+        async with running(other_replica(settings)):  # it makes the bucket again
+            await created(client, OTHER, source, f"{base}.w1")
+        await carried(client, source, first)  # the replica under test watches the new bucket
+        # Made after the new snapshot was applied, so carried only after the missing route stopped.
+        async with running(other_replica(settings)):
+            await created(client, OTHER, source, f"{base}.w2")
+        await carried(client, source, second)
+        await not_carried_any_more(client, source, old, second)
