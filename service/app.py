@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import structlog
 from nats.aio.client import Client
 
 from service import log
@@ -74,13 +75,26 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         yield api
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then drain in-flight requests and return."""
+def stop_signal() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running(settings):
+    return stop
+
+
+async def run_until_signalled(
+    process: contextlib.AbstractAsyncContextManager[object], logger: structlog.typing.FilteringBoundLogger
+) -> None:
+    """Run `process` until SIGINT or SIGTERM, then leave it (which drains it) and return."""
+    stop = stop_signal()
+    async with process:
         await stop.wait()
-        _log.info("stopping")
-    _log.info("stopped")
+        logger.info("stopping")
+    logger.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then drain in-flight requests and return."""
+    await run_until_signalled(running(settings), _log)

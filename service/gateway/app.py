@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from service import log
-from service.app import connect
+from service.app import connect, run_until_signalled
 from service.config import Settings
 from service.errors import ApiError, Internal
 from service.gateway.api import MAX_BODY, REQUEST_ID, Handler, TriggerApi, error_response
@@ -64,14 +62,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then finish the requests in flight and return."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with running_gateway(settings):
-        await stop.wait()
-        _log.info("stopping")
-    _log.info("stopped")
+    await run_until_signalled(running_gateway(settings), _log)
 
 
 @web.middleware
