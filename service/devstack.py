@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,6 +28,7 @@ import aiohttp
 import nats
 
 from service import config
+from service.app import stop_signal
 from service.auth import mint
 from service.natsserver import NatsServer, NatsServerError
 
@@ -328,41 +329,59 @@ async def run(argv: Sequence[str]) -> int:
         return await run_accounts(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    return await run_stack(nats_url, _banner)
+
+
+def _banner(url: str, nats: str, settings: config.Settings, secret: str) -> str:
+    token = mint(secret, DEV_ACCOUNT, ttl=TOKEN_TTL)
+    return banner(url, nats, settings.prefix, token, _python())
+
+
+async def run_stack(
+    start_nats: Callable[[contextlib.AsyncExitStack], Awaitable[str]],
+    show: Callable[[str, str, config.Settings, str], str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stop: asyncio.Event | None = None,
+    tell: Callable[[str], None] = say,
+) -> int:
+    """NATS from `start_nats`, then the service and the sidecar with JWT auth (and `env`); print
+    `show(url, nats_url, settings, secret)` once they answer, wait for SIGINT/SIGTERM (or `stop`)
+    or a child's exit, stop everything in reverse order; the exit status."""
+    if stop is None:
+        stop = stop_signal()
     async with contextlib.AsyncExitStack() as stack:
         try:
-            return await _run(stack, stop)
+            secret = dev_secret()
+            nats_server = await start_nats(stack)
+            addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or "127.0.0.1:8080")
+            child_env = {
+                **os.environ,
+                **(env or {}),
+                "NATS_URL": nats_server,
+                "TRIGGER_JWT_SECRET": secret,
+                "TRIGGER_HTTP_ADDR": addr,
+                "TRIGGER_AUTH": "jwt",
+            }
+            child_env.pop("TRIGGER_JWT_PUBLIC_KEY", None)
+            try:
+                settings = config.load(child_env)  # a bad variable fails here, by name, not in a child
+            except config.ConfigError as exc:
+                raise DevstackError(f"configuration error: {exc}") from None
+            children = {
+                "service": await start_child(stack, "service", [sys.executable, "-m", "service"], child_env),
+                "sidecar": await start_child(stack, "sidecar", [sys.executable, "-c", SIDECAR], child_env),
+            }
+            host, port = addr.rsplit(":", 1)
+            url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
+            await wait_ready(url, children, stop)
+            if stop.is_set():
+                return 0
+            print(show(url, nats_server, settings, secret), flush=True)
+            return await until_stopped(children, stop)
         except DevstackError as exc:
-            say(f"cannot start: {exc}")
+            tell(f"cannot start: {exc}")
             return 1
-
-
-async def _run(stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> int:
-    secret = dev_secret()
-    nats_server = await nats_url(stack)
-    addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or "127.0.0.1:8080")
-    env = {**os.environ, "NATS_URL": nats_server, "TRIGGER_JWT_SECRET": secret, "TRIGGER_HTTP_ADDR": addr}
-    env["TRIGGER_AUTH"] = "jwt"
-    env.pop("TRIGGER_JWT_PUBLIC_KEY", None)
-    try:
-        settings = config.load(env)  # a bad variable fails here, by name, not in a child
-    except config.ConfigError as exc:
-        raise DevstackError(f"configuration error: {exc}") from None
-    children = {
-        "service": await start_child(stack, "service", [sys.executable, "-m", "service"], env),
-        "sidecar": await start_child(stack, "sidecar", [sys.executable, "-c", SIDECAR], env),
-    }
-    host, port = addr.rsplit(":", 1)
-    url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
-    await wait_ready(url, children, stop)
-    if stop.is_set():
-        return 0
-    token = mint(secret, DEV_ACCOUNT, ttl=TOKEN_TTL)
-    print(banner(url, nats_server, settings.prefix, token, _python()), flush=True)
-    return await until_stopped(children, stop)
 
 
 def main() -> None:

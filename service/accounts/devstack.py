@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,16 +23,11 @@ from service.accounts import bootstrap
 from service.auth import mint
 from service.devstack import (
     DEV_DIR,
-    SIDECAR,
     TOKEN_TTL,
     DevstackError,
-    dev_secret,
     free_port,
-    http_addr,
     port_free,
-    start_child,
-    until_stopped,
-    wait_ready,
+    run_stack,
 )
 from service.natsserver import NatsServer, NatsServerError
 
@@ -128,48 +122,12 @@ async def run(argv: Sequence[str], stop: asyncio.Event | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.accounts.devstack", description=__doc__)
     parser.add_argument("--dir", type=Path, default=ACCOUNTS_DIR, help="the development operator's files")
     args = parser.parse_args(argv)
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            return await _run(stack, stop, args.dir)
-        except DevstackError as exc:
-            say(f"cannot start: {exc}")
-            return 1
+    dev = operator(args.dir)
 
+    def show(url: str, nats_url: str, settings: config.Settings, secret: str) -> str:
+        return banner(url, nats_url, dev, secret)
 
-async def _run(stack: contextlib.AsyncExitStack, stop: asyncio.Event, directory: Path) -> int:
-    dev = operator(directory)
-    secret = dev_secret()
-    nats_url = await start_nats(stack, dev)
-    addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or "127.0.0.1:8080")
-    env = {
-        **os.environ,
-        **dev.env(),
-        "NATS_URL": nats_url,
-        "TRIGGER_JWT_SECRET": secret,
-        "TRIGGER_HTTP_ADDR": addr,
-        "TRIGGER_AUTH": "jwt",
-    }
-    env.pop("TRIGGER_JWT_PUBLIC_KEY", None)
-    try:
-        config.load(env)  # a bad variable fails here, by name, not in a child
-    except config.ConfigError as exc:
-        raise DevstackError(f"configuration error: {exc}") from None
-    children = {
-        "service": await start_child(stack, "service", [sys.executable, "-m", "service"], env),
-        "sidecar": await start_child(stack, "sidecar", [sys.executable, "-c", SIDECAR], env),
-    }
-    host, port = addr.rsplit(":", 1)
-    url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
-    await wait_ready(url, children, stop)
-    if stop.is_set():
-        return 0
-    print(banner(url, nats_url, dev, secret), flush=True)
-    return await until_stopped(children, stop)
+    return await run_stack(functools.partial(start_nats, dev=dev), show, env=dev.env(), stop=stop, tell=say)
 
 
 def main() -> None:
