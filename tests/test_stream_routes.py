@@ -22,8 +22,16 @@ BINARY = bytes(range(256)) * 4
 OTHER = "other.trigger"
 
 
-async def create(nc: Client, source: str, target: str | None, *, name: str | None = None,
-                 kind: str = "stream", response_type: str | None = None, prefix: str = "ms.trigger") -> Reply:
+async def create(
+    nc: Client,
+    source: str,
+    target: str | None,
+    *,
+    name: str | None = None,
+    kind: str = "stream",
+    response_type: str | None = None,
+    prefix: str = "ms.trigger",
+) -> Reply:
     body = stream_request(name or unique(), source, target or source)
     body["source"]["type"] = body["target"]["type"] = kind
     if response_type:
@@ -384,8 +392,13 @@ async def test_a_trigger_deleted_through_one_replica_stops_in_another_within_a_s
 
 def stream_trigger(source: str, destination: str) -> StreamTrigger:
     return StreamTrigger(
-        name=unique(), stream="b", subject="ms.trigger.stream.x", type="created", created_at=now_rfc3339(),
-        source=TriggerSource(subject=source), target=TriggerTarget(subject=destination),
+        name=unique(),
+        stream="b",
+        subject="ms.trigger.stream.x",
+        type="created",
+        created_at=now_rfc3339(),
+        source=TriggerSource(subject=source),
+        target=TriggerTarget(subject=destination),
     )
 
 
