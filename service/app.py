@@ -16,7 +16,7 @@ from service import log
 from service.auth import Authenticator
 from service.config import Settings
 from service.graph import RouteGraph
-from service.handlers import Carrier, Context, RecordsOnly
+from service.handlers import Carrier, Context
 from service.routing import Api
 from service.store import TriggerStore
 
@@ -37,17 +37,15 @@ async def connect(settings: Settings, name: str) -> Client:
     return await nats.connect(**options)
 
 
-def make_carrier(settings: Settings, nc: Client, store: TriggerStore) -> Carrier:
+def make_carrier(settings: Settings, store: TriggerStore) -> Carrier:
     """The data plane chosen by configuration."""
     if settings.routing == "accounts":
         from service.accounts.carrier import AccountsCarrier
 
-        return AccountsCarrier(settings, nc, store)
-    if settings.routing == "single":
-        from service.streams import SubscriptionCarrier
+        return AccountsCarrier(settings, store)
+    from service.streams import SubscriptionCarrier
 
-        return SubscriptionCarrier(settings, store, connect)
-    return RecordsOnly()
+    return SubscriptionCarrier(settings, store, connect)
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +55,7 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         nc = await connect(settings, "trigger-service")
         stack.push_async_callback(nc.drain)
         store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
-        carrier = make_carrier(settings, nc, store)
+        carrier = make_carrier(settings, store)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving
         graph = await stack.enter_async_context(RouteGraph(store, single=settings.routing == "single"))

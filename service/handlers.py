@@ -58,19 +58,6 @@ class Carrier(Protocol):
         """Stop the route; return only once nothing more is delivered."""
 
 
-class RecordsOnly:
-    """No data plane: triggers are stored, and nothing carries them (a control-plane-only replica)."""
-
-    async def check(self, account: str, trigger: StreamTrigger) -> None:
-        """Anything can be stored."""
-
-    async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
-        """Nothing to do."""
-
-    async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
-        """Nothing to do."""
-
-
 @dataclass
 class Context:
     """What every handler needs."""
@@ -78,7 +65,7 @@ class Context:
     settings: Settings
     store: TriggerStore
     graph: RouteGraph
-    carrier: Carrier = field(default_factory=RecordsOnly)
+    carrier: Carrier
     nuid: NUID = field(default_factory=NUID)
 
     def subject(self, trigger_type: str, name: str) -> str:

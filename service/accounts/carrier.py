@@ -17,7 +17,6 @@ import functools
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 from schemas.triggers import StreamTrigger
 from service import log
@@ -39,8 +38,7 @@ Mutation = Callable[[c.AccountRecord], bool]
 class AccountsCarrier:
     """Carries stream triggers as account export/import pairs (the `Carrier` of service.handlers)."""
 
-    def __init__(self, settings: Settings, nc: Any, store: TriggerStore) -> None:
-        # `nc`, the service's own connection, is not used: pushes need a system-account connection.
+    def __init__(self, settings: Settings, store: TriggerStore) -> None:
         self.settings = settings
         self.store = store
         self._system: SystemAccount | None = None
