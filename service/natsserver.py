@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -16,17 +17,25 @@ _READY = "Server is ready"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 
 
+MINIMUM_VERSION = (2, 9)
+
+
 class NatsServerError(RuntimeError):
-    """nats-server is missing, or did not start."""
+    """nats-server is missing, too old, or did not start."""
 
 
+@functools.cache
 def binary() -> str:
-    """Path of the nats-server binary (NATS_SERVER_BIN, else PATH)."""
+    """Path of the nats-server binary (NATS_SERVER_BIN, else PATH), checked to be at least 2.9."""
     path = os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server")
     if not path:
         raise NatsServerError(
             "nats-server not found: install it (Debian: apt-get install nats-server) or set NATS_SERVER_BIN"
         )
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    found = re.search(r"v?(\d+)\.(\d+)", out)
+    if not found or (int(found.group(1)), int(found.group(2))) < MINIMUM_VERSION:
+        raise NatsServerError(f"{path} is {out.strip() or 'of unknown version'}; nats-server >= 2.9 is needed")
     return path
 
 
