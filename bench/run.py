@@ -50,7 +50,8 @@ def versions(http: load.Http) -> list[tuple[str, str]]:
             found.append((package, "not installed"))
     found.append(("HTTP load generator", _command([http.wrk, "-v"]) if http.wrk else http.tool))
     commit = _command(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = _command(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    dirty = _command(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":!bench/RESULTS.md", ":!bench/profiles"])  # fmt: skip
     found.append(("commit", commit + (" (with uncommitted changes)" if dirty not in ("?", "") else "")))
     found.append(("kernel", platform.platform()))
     return found
