@@ -8,7 +8,7 @@ D -> S for a `service` trigger (requests go from D to the responders on S).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from schemas.triggers import StreamTrigger
@@ -30,19 +30,16 @@ def edge_of(account: str, trigger: StreamTrigger, single: bool) -> Edge:
     return (d, s) if trigger.source.kind == "service" else (s, d)
 
 
-def _first(subject: str) -> str:
-    return subject.split(".", 1)[0]
-
-
 class RouteGraph:
-    """Every live stream route, indexed by the first token of its tail so a check is not a scan."""
+    """Every live stream route; literal tails are indexed, so a check from a literal subject is
+    a dictionary lookup plus the wildcard tails, not a scan of every route."""
 
     def __init__(self, store: TriggerStore, *, single: bool) -> None:
         self._store = store
         self._single = single
         self._edges: dict[str, tuple[int, Edge | None]] = {}  # key -> (revision, edge or None=gone)
-        self._by_token: dict[tuple[str, str], set[str]] = {}  # (space, first token of tail) -> keys
-        self._wild: dict[str, Edge] = {}  # edges whose tail starts with a wildcard
+        self._literal: dict[Node, set[str]] = {}  # literal tail -> keys of its edges
+        self._wild: dict[str, Edge] = {}  # key -> edge, for tails with a wildcard
         self._following = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> RouteGraph:
@@ -89,29 +86,30 @@ class RouteGraph:
     def _fed_by(self, node: Node) -> Iterator[Node]:
         """The heads of the edges whose tail can match `node`."""
         space, subject = node
-        first = _first(subject)
-        if first in ("*", ">"):
-            edges = [e for _, e in self._edges.values() if e is not None]
-        else:
-            edges = list(self._wild.values())
-            edges += [e for k in self._by_token.get((space, first), ()) if (e := self._edges[k][1])]
+        if subjects.is_literal(subject):
+            for key in self._literal.get(node, ()):
+                edge = self._edges[key][1]
+                if edge is not None:
+                    yield edge[1]
+            edges: Iterable[Edge] = self._wild.values()
+        else:  # a wildcard destination: any tail may match it
+            edges = (e for _, e in self._edges.values() if e is not None)
         for (tail_space, tail), head in edges:
             if tail_space == space and subjects.overlap(subject, tail):
                 yield head
 
     def _index(self, key: str, edge: Edge) -> None:
-        (space, tail), _ = edge
-        first = _first(tail)
-        if first in ("*", ">"):
-            self._wild[key] = edge
+        tail = edge[0]
+        if subjects.is_literal(tail[1]):
+            self._literal.setdefault(tail, set()).add(key)
         else:
-            self._by_token.setdefault((space, first), set()).add(key)
+            self._wild[key] = edge
 
     def _unindex(self, key: str, edge: Edge) -> None:
-        (space, tail), _ = edge
+        tail = edge[0]
         self._wild.pop(key, None)
-        bucket = self._by_token.get((space, _first(tail)))
-        if bucket is not None:
-            bucket.discard(key)
-            if not bucket:
-                del self._by_token[(space, _first(tail))]
+        keys = self._literal.get(tail)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._literal[tail]
