@@ -35,7 +35,9 @@ def binary() -> str:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
     found = re.search(r"v?(\d+)\.(\d+)", out)
     if not found or (int(found.group(1)), int(found.group(2))) < MINIMUM_VERSION:
-        raise NatsServerError(f"{path} is {out.strip() or 'of unknown version'}; nats-server >= 2.9 is needed")
+        raise NatsServerError(
+            f"{path} is {out.strip() or 'of unknown version'}; nats-server >= 2.9 is needed"
+        )
     return path
 
 

@@ -356,10 +356,12 @@ class TriggerStore:
         reconnects = self._nc.stats["reconnects"]
         async with self._watcher(key_pattern) as watcher:
             while True:
-                try:
-                    entry = await watcher.updates(timeout=_RECONNECT_CHECK)
-                except nats.errors.TimeoutError:
-                    entry = _IDLE
+                entry = _ready(watcher)
+                if entry is _IDLE:
+                    try:
+                        entry = await watcher.updates(timeout=_RECONNECT_CHECK)
+                    except nats.errors.TimeoutError:
+                        entry = _IDLE
                 if self._nc.stats["reconnects"] != reconnects:
                     raise _Reconnected
                 if entry is None:
@@ -378,6 +380,18 @@ class TriggerStore:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+
+def _ready(watcher: Any) -> Any:
+    """The watcher's next entry if one is already queued, else _IDLE.
+
+    `updates(timeout=...)` costs a `wait_for` per entry (about 40 us on Python 3.11), which a
+    snapshot of thousands of records pays over and over; this peeks at nats-py's queue first.
+    """
+    queue = getattr(watcher, "_updates", None)
+    if isinstance(queue, asyncio.Queue) and not queue.empty():
+        return queue.get_nowait()
+    return _IDLE
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -168,7 +168,7 @@ class SubscriptionCarrier:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
             raise Unavailable("NATS did not confirm the route's subscription") from None
-        _log.info("route started", key=key, revision=revision, listen=listen, deliver=deliver)
+        _log.debug("route started", key=key, revision=revision, listen=listen, deliver=deliver)
         return _Route(revision, subscription)
 
     async def _stop(self, key: str, route: _Route) -> None:
@@ -181,7 +181,7 @@ class SubscriptionCarrier:
             # The client already dropped the subscription, so nothing more is carried; a server
             # that did not get the UNSUB loses it with the connection.
             _log.warning("route stopped without confirmation from NATS", key=key)
-        _log.info("route stopped", key=key, revision=route.revision)
+        _log.debug("route stopped", key=key, revision=route.revision)
 
     def _carrier(self, listen: str, deliver: str) -> Callable[[Msg], Awaitable[None]]:
         """The subscription callback: republish each message, in the order received."""
