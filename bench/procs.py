@@ -186,11 +186,9 @@ class Stack:
         }
 
     def service(self, bucket: str, name: str = "service", profile: Path | None = None) -> Child:
-        """`python -m service` on `bucket` (BENCH_SERVICE_ARGV, split on spaces, runs another command)."""
-        target = os.environ.get("BENCH_SERVICE_ARGV", "-m service").split()
-        child = Child(
-            name, [PY, *target], self.service_env(bucket), self.log_dir, ready_check=self._serving(bucket)
-        )
+        """`python -m service` on `bucket`."""
+        argv = [PY, "-m", "service"]
+        child = Child(name, argv, self.service_env(bucket), self.log_dir, ready_check=self._serving(bucket))
         return profiling.attach(child, profile) if profile else child
 
     def _serving(self, bucket: str) -> Callable[[], Awaitable[bool]]:
@@ -218,10 +216,8 @@ class Stack:
         return check
 
     def sidecar(self, bucket: str, port: int, profile: Path | None = None) -> Child:
-        """`trigger-gateway` on `bucket`, serving HTTP on `port` (BENCH_SIDECAR_ARGV runs another command)."""
+        """`trigger-gateway` on `bucket`, serving HTTP on `port`."""
         argv = console_script("trigger-gateway", "from service.cli import gateway_main; gateway_main()")
-        if os.environ.get("BENCH_SIDECAR_ARGV"):
-            argv = [PY, *os.environ["BENCH_SIDECAR_ARGV"].split()]
         env = self.service_env(bucket, TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}")
         child = Child("sidecar", argv, env, self.log_dir, ready_port=port, url=f"http://127.0.0.1:{port}")
         return profiling.attach(child, profile) if profile else child
