@@ -39,6 +39,7 @@ TOKEN_TTL = 7 * 86_400
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 SIDECAR = "from service.cli import gateway_main; gateway_main()"
+NATS_PORT, MONITOR_PORT, HTTP_PORT = 4222, 8222, 8080  # the well-known local ports
 
 
 class DevstackError(Exception):
@@ -113,7 +114,9 @@ async def _listening(url: str) -> bool:
     """True when something accepts TCP connections at the (first) server of a NATS URL."""
     parts = urlsplit(url.split(",")[0] if "://" in url else f"nats://{url}")
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 4222), 2)
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or NATS_PORT), 2
+        )
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -147,7 +150,7 @@ async def nats_url(stack: contextlib.AsyncExitStack, server_config: Path = SERVE
         say(f"NATS: using the server at NATS_URL={url}")
         return url
     text = _read_config(server_config)
-    port, http_port = config_port(text, "port", 4222), config_port(text, "http_port", 8222)
+    port, http_port = config_port(text, "port", NATS_PORT), config_port(text, "http_port", MONITOR_PORT)
     chosen_port, chosen_http = port, http_port
     if not port_free(port):
         local = f"nats://127.0.0.1:{port}"
@@ -354,7 +357,7 @@ async def run_stack(
         try:
             secret = dev_secret()
             nats_server = await start_nats(stack)
-            addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or "127.0.0.1:8080")
+            addr = http_addr(os.environ.get("TRIGGER_HTTP_ADDR") or f"127.0.0.1:{HTTP_PORT}")
             child_env = {
                 **os.environ,
                 **(env or {}),

@@ -516,8 +516,9 @@ async def test_make_run_accounts_carries_a_cross_account_trigger(
     monkeypatch.chdir(tmp_path)  # `.dev/jwt-secret` lands here
     monkeypatch.setenv("TRIGGER_HTTP_ADDR", "127.0.0.1:0")
     free = devstack.port_free  # never the well-known ports: the stack falls back to free ones
+    well_known = (devstack.NATS_PORT, devstack.MONITOR_PORT)
     monkeypatch.setattr(
-        devstack, "port_free", lambda port, host="0.0.0.0": port not in (4222, 8222) and free(port, host)
+        devstack, "port_free", lambda port, host="0.0.0.0": port not in well_known and free(port, host)
     )
     shown: dict[str, Any] = {}
     monkeypatch.setattr(devstack, "banner", lambda *args: shown.update(args=args) or "")

@@ -23,6 +23,8 @@ from service.accounts import bootstrap
 from service.auth import mint
 from service.devstack import (
     DEV_DIR,
+    MONITOR_PORT,
+    NATS_PORT,
     TOKEN_TTL,
     DevstackError,
     free_port,
@@ -50,10 +52,10 @@ def operator(directory: Path) -> bootstrap.DevOperator:
 async def start_nats(stack: contextlib.AsyncExitStack, dev: bootstrap.DevOperator) -> str:
     """nats-server in operator mode on 4222/8222, or on free ports when those are taken."""
     root = Path(dev.root)
-    port = 4222 if port_free(4222) else free_port()
-    http_port = 8222 if port_free(8222) else free_port()
-    if (port, http_port) != (4222, 8222):
-        say(f"4222 or 8222 is taken: nats-server listens on {port}, monitors on {http_port}")
+    port = NATS_PORT if port_free(NATS_PORT) else free_port()
+    http_port = MONITOR_PORT if port_free(MONITOR_PORT) else free_port()
+    if (port, http_port) != (NATS_PORT, MONITOR_PORT):
+        say(f"{NATS_PORT} or {MONITOR_PORT} is taken: nats-server listens on {port}, monitors on {http_port}")
     server_config = root / "nats-server.conf"
     server_config.write_text(
         bootstrap.server_config(
