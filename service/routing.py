@@ -160,30 +160,31 @@ class Api:
         started = time.perf_counter()
         headers = request.headers or {}
         status, account = 500, None
-        with structlog.contextvars.bound_contextvars(
+        # Each request runs in a task of its own, whose context dies with it: bind, no unbind.
+        structlog.contextvars.bind_contextvars(
             subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER)
-        ):
-            try:
-                caller = self._auth.authenticate(headers, write=op.write)
-                account = caller.account
-                payload = decode_request(op, request.subject, request.data)
-                reply = await op.handler(self._ctx, caller, payload)
-                status = op.success
-                await request.respond(_encode(reply))
-            except ApiError as error:
-                status = error.status
-                await self._respond_error(request, error)
-            except Exception:
-                _log.exception("request failed")
-                await self._respond_error(request, Internal("unable to process the request"))
-            finally:
-                _log.info(
-                    "request",
-                    operation=op.name,
-                    account=account,
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                )
+        )
+        try:
+            caller = self._auth.authenticate(headers, write=op.write)
+            account = caller.account
+            payload = decode_request(op, request.subject, request.data)
+            reply = await op.handler(self._ctx, caller, payload)
+            status = op.success
+            await request.respond(_encode(reply))
+        except ApiError as error:
+            status = error.status
+            await self._respond_error(request, error)
+        except Exception:
+            _log.exception("request failed")
+            await self._respond_error(request, Internal("unable to process the request"))
+        finally:
+            _log.info(
+                "request",
+                operation=op.name,
+                account=account,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
 
     async def _respond_error(self, request: MicroRequest, error: ApiError) -> None:
         body, headers = error_reply(error)
