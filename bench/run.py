@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="run the service and sidecar under pyinstrument; profiles in bench/profiles/",
+        help="profile the service and sidecar (py-spy, else pyinstrument) into bench/profiles/",
     )
     parser.add_argument("--keep-logs", action="store_true", help="copy the processes' logs to bench/logs/")
     parser.add_argument(
