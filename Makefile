@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NATS_SERVER_BIN ?= $(shell command -v nats-server 2>/dev/null)
+NATS_SERVER_BIN ?= $(shell command -v nats-server 2>/dev/null || ls /usr/sbin/nats-server 2>/dev/null)
 export NATS_SERVER_BIN
 
 .PHONY: help setup nats-server run run-accounts test lint bench clean
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 nats-server: ## install nats-server (Debian package) when it is missing
 	@if [ -n "$(NATS_SERVER_BIN)" ] && [ -x "$(NATS_SERVER_BIN)" ]; then exit 0; fi; \
-	if command -v nats-server >/dev/null 2>&1; then exit 0; fi; \
+	if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing nats-server (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null; \

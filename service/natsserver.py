@@ -27,7 +27,11 @@ class NatsServerError(RuntimeError):
 @functools.cache
 def binary() -> str:
     """Path of the nats-server binary (NATS_SERVER_BIN, else PATH), checked to be at least 2.9."""
-    path = os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server")
+    path = (
+        os.environ.get("NATS_SERVER_BIN")
+        or shutil.which("nats-server")
+        or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")  # Debian's place, off some PATHs
+    )
     if not path:
         raise NatsServerError(
             "nats-server not found: install it (Debian: apt-get install nats-server) or set NATS_SERVER_BIN"
