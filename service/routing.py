@@ -17,7 +17,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.micro.request import Request as MicroRequest
-from nats.micro.service import EndpointConfig, Service, ServiceConfig
+from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
 
 from schemas import triggers as t
 from service import handlers, log
@@ -101,6 +101,17 @@ def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
         raise invalid(exc) from None
 
 
+@dataclass
+class _Counts:
+    """One endpoint's requests as this process answered them."""
+
+    in_flight: int = 0
+    answered: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    processing_ns: int = 0
+
+
 class Api:
     """Serves the operation table as one `nats.micro` service."""
 
@@ -110,6 +121,7 @@ class Api:
         self._auth = auth
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._counts = {op.name: _Counts() for op in OPERATIONS}
         self.service: Service | None = None
 
     async def start(self) -> Service:
@@ -124,6 +136,7 @@ class Api:
                 version=__version__,
                 description="Create, read, list and delete triggers; make them live.",
                 metadata={"bucket": self._ctx.store.bucket, "prefix": prefix},
+                stats_handler=self._stats,
             ),
         )
         await service.start()
@@ -152,14 +165,25 @@ class Api:
 
         return on_request
 
+    def _stats(self, stats: EndpointStats) -> dict[str, int]:
+        """Fill `$SRV.STATS` from our own counts: micro only sees the hand-off to the task."""
+        counts = self._counts[stats.name]
+        stats.num_errors = counts.errors
+        stats.last_error = counts.last_error
+        stats.processing_time = counts.processing_ns
+        stats.average_processing_time = counts.processing_ns // max(counts.answered, 1)
+        return {"in_flight": counts.in_flight}
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
 
     async def _serve(self, op: Operation, request: MicroRequest) -> None:
         started = time.perf_counter()
+        counts = self._counts[op.name]
+        counts.in_flight += 1
         headers = request.headers or {}
-        status, account = 500, None
+        status, account, error = 500, None, "500:Internal server error"
         # Each request runs in a task of its own, whose context dies with it: bind, no unbind.
         structlog.contextvars.bind_contextvars(
             subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER)
@@ -171,19 +195,26 @@ class Api:
             reply = await op.handler(self._ctx, caller, payload)
             status = op.success
             await request.respond(_encode(reply))
-        except ApiError as error:
-            status = error.status
-            await self._respond_error(request, error)
+        except ApiError as exc:
+            status, error = exc.status, f"{exc.status}:{exc.message}"
+            await self._respond_error(request, exc)
         except Exception:
             _log.exception("request failed")
             await self._respond_error(request, Internal("unable to process the request"))
         finally:
+            elapsed = time.perf_counter() - started
+            counts.in_flight -= 1
+            counts.answered += 1
+            counts.processing_ns += int(elapsed * 1e9)
+            if status >= 400:
+                counts.errors += 1
+                counts.last_error = error
             _log.info(
                 "request",
                 operation=op.name,
                 account=account,
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(elapsed * 1000, 3),
             )
 
     async def _respond_error(self, request: MicroRequest, error: ApiError) -> None:

@@ -37,9 +37,18 @@ async def test_micro_discovery_lists_every_endpoint(nc, settings):
     assert ping["name"] == "trigger-service"
 
     await request(nc, "ms.trigger.list", {"subject_pattern": "ms.trigger.>"})
+    await request(nc, "ms.trigger.list", {"subject_pattern": "nope"})
+    await request(nc, f"ms.trigger.get.stream.{unique()}")
     stats = json.loads((await nc.request("$SRV.STATS.trigger-service", b"", timeout=2)).data)
-    listed = next(e for e in stats["endpoints"] if e["name"] == "list")
-    assert listed["num_requests"] >= 1
+    endpoints = {e["name"]: e for e in stats["endpoints"]}
+    assert endpoints["list"]["num_requests"] == 2
+    assert endpoints["list"]["num_errors"] == 1
+    assert endpoints["list"]["last_error"].startswith("400:Invalid request: ")
+    assert endpoints["list"]["average_processing_time"] > 0
+    assert endpoints["list"]["data"] == {"in_flight": 0}
+    assert endpoints["get"]["num_errors"] == 1
+    assert endpoints["get"]["last_error"].startswith("404:Not found: ")
+    assert endpoints["create-stream"]["num_errors"] == 0
 
 
 async def test_two_replicas_share_the_load_through_the_queue_group(nats_server, nc, settings):
