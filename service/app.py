@@ -25,9 +25,14 @@ _log = log.get("app")
 
 async def connect(settings: Settings, name: str) -> Client:
     """A NATS connection that keeps reconnecting for as long as the process lives."""
+
+    async def on_error(exc: Exception) -> None:
+        _log.warning("NATS connection error; retrying", connection=name, error=str(exc) or repr(exc))
+
     options: dict[str, Any] = {
         "servers": settings.nats_url.split(","),
         "name": name,
+        "error_cb": on_error,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
@@ -85,9 +90,23 @@ def stop_signal() -> asyncio.Event:
 async def run_until_signalled(
     process: contextlib.AbstractAsyncContextManager[object], logger: structlog.typing.FilteringBoundLogger
 ) -> None:
-    """Run `process` until SIGINT or SIGTERM, then leave it (which drains it) and return."""
+    """Run `process` until SIGINT or SIGTERM, then leave it (which drains it) and return.
+
+    A signal during start-up (say, while NATS cannot be reached yet) abandons the start-up.
+    """
     stop = stop_signal()
-    async with process:
+    async with contextlib.AsyncExitStack() as stack:
+        starting = asyncio.create_task(stack.enter_async_context(process))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            logger.info("stopped before start-up completed")
+            return
+        stopping.cancel()
+        starting.result()  # a failed start-up raises here
         await stop.wait()
         logger.info("stopping")
     logger.info("stopped")

@@ -201,6 +201,23 @@ async def test_sigterm_drains_requests_in_flight(nats_server, nc):
         assert msgspec.json.decode(entry.value) == r.body
 
 
+async def test_unreachable_nats_is_retried_and_sigterm_still_stops_the_start_up(tmp_path):
+    from service.devstack import free_port
+
+    env = service_env(f"nats://127.0.0.1:{free_port()}", unique("bucket"), LOG_LEVEL="warning")
+    log = tmp_path / "service.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=out, stderr=out)
+    try:
+        await eventually(lambda: "NATS connection error; retrying" in log.read_text(), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [
