@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -121,6 +122,11 @@ def start_process(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def start_logged(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=out, stderr=out)
+
+
 async def wait_ready(nc, bucket: str) -> None:
     async def answers() -> bool:
         try:
@@ -206,8 +212,7 @@ async def test_unreachable_nats_is_retried_and_sigterm_still_stops_the_start_up(
 
     env = service_env(f"nats://127.0.0.1:{free_port()}", unique("bucket"), LOG_LEVEL="warning")
     log = tmp_path / "service.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=out, stderr=out)
+    proc = start_logged(env, log)
     try:
         await eventually(lambda: "NATS connection error; retrying" in log.read_text(), timeout=20)
         proc.send_signal(signal.SIGTERM)
