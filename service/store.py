@@ -167,29 +167,19 @@ class TriggerStore:
         revision, so claims need no clean-up.
         """
         for _ in range(3):
-            try:
-                await _guard(self.kv.create(claim_key, owner.encode()))
-                return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass
-            try:
-                entry = await _guard(self.kv.get(claim_key))
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            holder = (entry.value or b"").decode()
+            value, revision = await self.get_raw(claim_key)
+            holder = (value or b"").decode()
             if holder == owner:
                 return True
-            try:
-                record, _ = await self.get(holder)
-                if holds(record):
-                    return False
-            except NotFound:
-                pass
-            try:
-                await _guard(self.kv.update(claim_key, owner.encode(), last=entry.revision))
+            if holder:
+                try:
+                    record, _ = await self.get(holder)
+                    if holds(record):
+                        return False
+                except NotFound:
+                    pass
+            if await self.put_raw(claim_key, owner.encode(), revision) is not None:
                 return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
         return False
 
     async def mark_deleted(self, key: str) -> tuple[Trigger, int]:
