@@ -18,7 +18,7 @@ from service.config import Settings
 from service.graph import RouteGraph
 from service.handlers import Carrier, Context
 from service.routing import Api
-from service.store import TriggerStore
+from service.store import Observer, TriggerStore
 
 _log = log.get("app")
 
@@ -42,15 +42,15 @@ async def connect(settings: Settings, name: str) -> Client:
     return await nats.connect(**options)
 
 
-def make_carrier(settings: Settings, store: TriggerStore) -> Carrier:
-    """The data plane chosen by configuration."""
+def make_carrier(settings: Settings, store: TriggerStore, observe: Observer) -> Carrier:
+    """The data plane chosen by configuration; it shows each change it follows to `observe` too."""
     if settings.routing == "accounts":
         from service.accounts.carrier import AccountsCarrier
 
-        return AccountsCarrier(settings, store)
+        return AccountsCarrier(settings, store, observe)
     from service.streams import SubscriptionCarrier
 
-    return SubscriptionCarrier(settings, store, connect)
+    return SubscriptionCarrier(settings, store, connect, observe)
 
 
 @contextlib.asynccontextmanager
@@ -60,10 +60,10 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         nc = await connect(settings, "trigger-service")
         stack.push_async_callback(nc.drain)
         store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
-        carrier = make_carrier(settings, store)
+        graph = RouteGraph(single=settings.routing == "single")  # fed by the carrier's one bucket watch
+        carrier = make_carrier(settings, store, graph.observe)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving
-        graph = await stack.enter_async_context(RouteGraph(store, single=settings.routing == "single"))
         api = Api(nc, Context(settings, store, graph, carrier), Authenticator(settings))
         await api.start()
         stack.push_async_callback(api.stop)

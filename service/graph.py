@@ -1,4 +1,4 @@
-"""The graph of live stream routes, followed from the bucket: what the loop checks read.
+"""The graph of live stream routes, kept from the bucket's changes: what the loop checks read.
 
 A node is (space, subject): the subject space is the account in accounts mode, and one shared
 space in single-account mode. An edge goes the way data flows: S -> D for a `stream` trigger,
@@ -7,13 +7,11 @@ D -> S for a `service` trigger (requests go from D to the responders on S).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 
 from schemas.triggers import StreamTrigger
 from service import subjects
-from service.store import Change, TriggerStore, split_key
+from service.store import Change, split_key
 
 Node = tuple[str, str]
 Edge = tuple[Node, Node]
@@ -34,26 +32,14 @@ class RouteGraph:
     """Every live stream route; literal tails are indexed, so a check from a literal subject is
     a dictionary lookup plus the wildcard tails, not a scan of every route."""
 
-    def __init__(self, store: TriggerStore, *, single: bool) -> None:
-        self._store = store
+    def __init__(self, *, single: bool) -> None:
         self._single = single
         self._edges: dict[str, tuple[int, Edge | None]] = {}  # key -> (revision, edge or None=gone)
         self._literal: dict[Node, set[str]] = {}  # literal tail -> keys of its edges
         self._wild: dict[str, Edge] = {}  # key -> edge, for tails with a wildcard
-        self._following = contextlib.AsyncExitStack()
 
-    async def __aenter__(self) -> RouteGraph:
-        """Load every live route, then keep following the bucket."""
-        await self._following.enter_async_context(self._store.following("*.stream.*", self._apply_change))
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop following the bucket."""
-        await self._following.aclose()
-
-    async def _apply_change(self, change: Change) -> None:
+    def observe(self, change: Change) -> None:
+        """Take in one change of the bucket's stream triggers (the carrier's follower passes it on)."""
         if change.record is None or isinstance(change.record, StreamTrigger):
             self.apply(change.key, change.revision, change.record)
 

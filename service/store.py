@@ -69,6 +69,10 @@ class Change(msgspec.Struct, frozen=True):
 Apply = Callable[[Change], Awaitable[None]]
 
 
+Observer = Callable[[Change], None]
+"""Something else that wants to see each change a follower applies (one watch, several users)."""
+
+
 class Revision(msgspec.Struct, frozen=True):
     """One stored revision of a key."""
 

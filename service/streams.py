@@ -30,7 +30,7 @@ from schemas.triggers import StreamTrigger
 from service import log, subjects
 from service.config import Settings
 from service.errors import Unavailable
-from service.store import Change, TriggerStore
+from service.store import Change, Observer, TriggerStore
 
 Connect = Callable[[Settings, str], Awaitable[Client]]
 
@@ -57,8 +57,11 @@ def route_of(trigger: StreamTrigger) -> tuple[str, str]:
 class SubscriptionCarrier:
     """Carries every live stream trigger of the bucket with queue subscriptions."""
 
-    def __init__(self, settings: Settings, store: TriggerStore, connect: Connect) -> None:
+    def __init__(
+        self, settings: Settings, store: TriggerStore, connect: Connect, observe: Observer | None = None
+    ) -> None:
         self._settings = settings
+        self._observe = observe
         self._store = store
         self._connect = connect
         self._data: Client | None = None
@@ -124,6 +127,8 @@ class SubscriptionCarrier:
 
     async def _apply(self, change: Change) -> None:
         """Bring the routes in line with one change of the bucket (again and again: idempotent)."""
+        if self._observe is not None:
+            self._observe(change)
         if isinstance(change.record, StreamTrigger):
             await self.activate(change.key, change.revision, change.record)
         elif change.record is None:

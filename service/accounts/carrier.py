@@ -25,7 +25,7 @@ from service.accounts import jwt
 from service.accounts.system import SystemAccount
 from service.config import Settings
 from service.errors import BadRequest, NotFound, Unavailable
-from service.store import Change, TriggerStore, split_key
+from service.store import Change, Observer, TriggerStore, split_key
 
 STREAM_KEYS = "*.stream.*"
 _ATTEMPTS = 64
@@ -38,8 +38,9 @@ Mutation = Callable[[c.AccountRecord], bool]
 class AccountsCarrier:
     """Carries stream triggers as account export/import pairs (the `Carrier` of service.handlers)."""
 
-    def __init__(self, settings: Settings, store: TriggerStore) -> None:
+    def __init__(self, settings: Settings, store: TriggerStore, observe: Observer | None = None) -> None:
         self.settings = settings
+        self._observe = observe
         self.store = store
         self._system: SystemAccount | None = None
         self._known: dict[str, StreamTrigger] = {}
@@ -213,6 +214,8 @@ class AccountsCarrier:
 
     async def _apply(self, change: Change) -> None:
         """Bring the JWTs in line with one change of a trigger record (again and again: idempotent)."""
+        if self._observe is not None:
+            self._observe(change)
         if self._stopping:
             return
         key, record = change.key, change.record
