@@ -106,6 +106,7 @@ class _Counts:
     """One endpoint's requests as this process answered them."""
 
     in_flight: int = 0
+    peak_in_flight: int = 0
     answered: int = 0
     errors: int = 0
     last_error: str | None = None
@@ -172,7 +173,7 @@ class Api:
         stats.last_error = counts.last_error
         stats.processing_time = counts.processing_ns
         stats.average_processing_time = counts.processing_ns // max(counts.answered, 1)
-        return {"in_flight": counts.in_flight}
+        return {"in_flight": counts.in_flight, "peak_in_flight": counts.peak_in_flight}
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -182,6 +183,7 @@ class Api:
         started = time.perf_counter()
         counts = self._counts[op.name]
         counts.in_flight += 1
+        counts.peak_in_flight = max(counts.peak_in_flight, counts.in_flight)
         headers = request.headers or {}
         status, account, error = 500, None, "500:Internal server error"
         # Each request runs in a task of its own, whose context dies with it: bind, no unbind.

@@ -46,7 +46,7 @@ async def test_micro_discovery_lists_every_endpoint(nc, settings):
     assert endpoints["list"]["num_errors"] == 1
     assert endpoints["list"]["last_error"].startswith("400:Invalid request: ")
     assert endpoints["list"]["average_processing_time"] > 0
-    assert endpoints["list"]["data"] == {"in_flight": 0}
+    assert endpoints["list"]["data"]["in_flight"] == 0
     assert endpoints["get"]["num_errors"] == 1
     assert endpoints["get"]["last_error"].startswith("404:Not found: ")
     assert endpoints["create-stream"]["num_errors"] == 0
@@ -75,6 +75,22 @@ async def test_many_requests_in_flight_are_all_answered(nc, settings):
             )
         )
     assert {r.status for r in replies} == {201}
+
+
+async def test_requests_run_concurrently_up_to_the_in_flight_bound(nats_server, nc):
+    settings = make_settings(nats_server.url, TRIGGER_MAX_IN_FLIGHT=4)
+    async with running(settings):
+        replies = await asyncio.gather(
+            *(
+                request(nc, "ms.trigger.create.stream", stream_request(unique(), f"k.{i}", f"l.{i}"))
+                for i in range(100)
+            )
+        )
+        stats = json.loads((await nc.request("$SRV.STATS.trigger-service", b"", timeout=2)).data)
+    assert {r.status for r in replies} == {201}
+    created = next(e for e in stats["endpoints"] if e["name"] == "create-stream")
+    assert created["num_requests"] == 100
+    assert 1 < created["data"]["peak_in_flight"] <= 4
 
 
 async def test_kv_unavailable_is_503(nats_server, nc):
