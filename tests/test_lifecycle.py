@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.api import StorageType
 
 from service.app import running
 from tests.conftest import make_settings
@@ -259,3 +260,22 @@ def test_bad_configuration_refuses_to_start_naming_the_variable(env, says):
     assert done.returncode == 2
     assert says in done.stderr
     assert time.monotonic() - started < 30
+
+
+async def test_the_bucket_is_created_with_file_storage_and_history_64(nats_server, nc):
+    settings = make_settings(nats_server.url)
+    async with running(settings):
+        info = await nc.jetstream().stream_info(f"KV_{settings.bucket}")
+    assert info.config.max_msgs_per_subject == 64
+    assert info.config.storage == StorageType.FILE
+    assert info.config.num_replicas == 1
+
+
+async def test_an_existing_bucket_is_bound_as_it_is(nats_server, nc):
+    settings = make_settings(nats_server.url)
+    kv = await nc.jetstream().create_key_value(bucket=settings.bucket, history=5)
+    await kv.put("acme.stream.kept", b"not touched")
+    async with running(settings):
+        info = await nc.jetstream().stream_info(f"KV_{settings.bucket}")
+    assert info.config.max_msgs_per_subject == 5
+    assert (await kv.get("acme.stream.kept")).value == b"not touched"
