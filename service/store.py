@@ -4,36 +4,41 @@ Key layout: `<account>.<trigger_type>.<name>`, one key per trigger. Every write 
 compare-and-set (create-if-absent, or update at the last revision), so concurrent writers never
 overwrite each other. A delete is a poison pill: a new revision whose record has
 `type: deleted`, so the key's history keeps the whole life of the trigger.
+
+Reads of one key go to the stream leader (read-after-write); lists and histories are complete
+snapshots (service.follower.read). A write whose acknowledgement was lost is settled before the
+reply (service.jetstream); one that cannot be settled in time is answered 504 "outcome unknown"
+and then compensated in the background: a create is removed again should the store commit it
+later, a delete is completed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import functools
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.kv import KeyValue
 
 from schemas.triggers import Trigger
 from service import log
 from service.errors import Conflict, NotFound, Unavailable
+from service.follower import Delivery, Follower, following, read
+from service.jetstream import WRITE_DEADLINE, BucketMissing, JetStream, OutcomeUnknown, WrongLastSequence
 
 HISTORY = 64
+DUPLICATE_WINDOW = 120.0  # seconds: how long JetStream may still commit a write it did not acknowledge
+_SETTLE_PAUSE = 0.5
 _log = log.get("store")
-_STREAM_NOT_FOUND = 10059
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(Trigger).decode
-_RECONNECT_CHECK = 0.25  # seconds between looks at the connection's reconnect count while idle
-_RETRY_MIN, _RETRY_MAX = 0.1, 2.0  # seconds between attempts to watch a failing bucket again
-_IDLE = object()  # no watch entry arrived in a while
-T = TypeVar("T")
 
 
 def key_of(account: str, trigger_type: str, name: str) -> str:
@@ -52,21 +57,12 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _rfc3339(moment: object) -> str:
-    if not isinstance(moment, datetime):  # nats-py types it as int, but watch entries carry a datetime
-        return now_rfc3339()
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class Change(msgspec.Struct, frozen=True):
     """One event of a followed bucket: a live record, or `record=None` when the key stopped being live."""
 
     key: str
     revision: int
     record: Trigger | None
-
-
-Apply = Callable[[Change], Awaitable[None]]
 
 
 Observer = Callable[[Change], None]
@@ -81,47 +77,25 @@ class Revision(msgspec.Struct, frozen=True):
     record: Trigger
 
 
-async def _guard(call: Awaitable[T]) -> T:
-    """Translate an unreachable or failing JetStream into a 503."""
-    try:
-        return await call
-    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
-        raise Unavailable("the trigger store (JetStream KV) did not answer") from None
-    except nats.errors.ConnectionClosedError:
-        raise Unavailable("not connected to NATS") from None
-    except nats.js.errors.NoStreamResponseError:
-        raise Unavailable("the trigger bucket's stream did not answer") from None
-    except nats.js.errors.ServiceUnavailableError:
-        raise Unavailable("JetStream is unavailable") from None
-    except nats.js.errors.NotFoundError as exc:
-        # nats-py reports a missing key as KeyNotFoundError raised while handling the server's
-        # NotFoundError; only "stream not found" means the bucket itself is gone.
-        cause = exc.__context__ if isinstance(exc, nats.js.errors.KeyNotFoundError) else exc
-        if getattr(cause, "err_code", None) == _STREAM_NOT_FOUND:
-            raise Unavailable("the trigger bucket does not exist") from None
-        raise
-
-
-class _Reconnected(Exception):
-    """The connection reconnected: the watch's consumer may have gone with a restarted server."""
-
-
 class TriggerStore:
     """Trigger records in one KV bucket."""
 
-    def __init__(self, nc: Client, kv: KeyValue, bucket: str) -> None:
-        self._nc = nc  # its reconnects tell `follow` to watch again
-        self.kv = kv
+    def __init__(self, nc: Client, bucket: str) -> None:
         self.bucket = bucket
+        self.prefix = f"$KV.{bucket}."
+        self.js = JetStream(nc, f"KV_{bucket}")
+        self._nc = nc
+        self._settling: set[asyncio.Task[None]] = set()  # writes whose outcome is still being settled
 
     @classmethod
     async def open(cls, nc: Client, bucket: str, replicas: int = 1) -> TriggerStore:
         """Bind the bucket over `nc`, creating it when missing; an existing bucket is used as it is."""
-        js = nc.jetstream()
+        store = cls(nc, bucket)
         for _ in range(5):
             try:
-                return cls(nc, await js.key_value(bucket), bucket)
-            except nats.js.errors.BucketNotFoundError:
+                await store.js.info()
+                return store
+            except BucketMissing:
                 pass
             config = api.KeyValueConfig(
                 bucket=bucket,
@@ -130,37 +104,55 @@ class TriggerStore:
                 replicas=replicas,
                 description="Trigger Service records",
             )
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # another replica won the race
-                return cls(nc, await js.create_key_value(config), bucket)
+            try:
+                await nc.jetstream(timeout=WRITE_DEADLINE).create_key_value(config)
+                return store
+            except nats.js.errors.BadRequestError:
+                continue  # another replica won the race: bind it
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                raise Unavailable(f"could not create the KV bucket {bucket!r}: {exc}") from None
         raise Unavailable(f"could not create or bind the KV bucket {bucket!r}")
 
+    async def close(self) -> None:
+        """Wait a little for writes still being settled (a stop must not abandon a compensation)."""
+        if self._settling:
+            await asyncio.wait(self._settling, timeout=WRITE_DEADLINE)
+
     async def get(self, key: str) -> tuple[Trigger, int]:
-        """The live record at `key` and its revision; NotFound when missing or deleted."""
-        try:
-            entry = await _guard(self.kv.get(key))
-        except nats.js.errors.KeyNotFoundError:
-            raise NotFound("no such trigger") from None
-        record = _decode_record(entry.value or b"")
+        """The live record at `key` and its revision, read from the stream leader; NotFound when
+        missing or deleted."""
+        message = await self.js.last(self.prefix + key)
+        if message is None or not message.data or message.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            raise NotFound("no such trigger")
+        record = _decode_record(message.data)  # a corrupt record is an error, not a missing trigger
         if record.type == "deleted":
             raise NotFound("no such trigger")
-        return record, int(entry.revision or 0)
+        return record, message.seq
 
     async def create(self, key: str, record: Trigger) -> int:
         """Store a new trigger unless a live one holds the key (Conflict)."""
         data = _encode(record)
+        subject = self.prefix + key
         try:
-            return await _guard(self.kv.create(key, data))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        # The key exists: it may only be re-used over a deleted record, at that exact revision.
-        try:
-            await self.get(key)
-        except NotFound:
-            entry = await _guard(self.kv.get(key))
             try:
-                return await _guard(self.kv.update(key, data, last=entry.revision))
-            except nats.js.errors.KeyWrongLastSequenceError:
+                return await self.js.publish(subject, data, 0)
+            except WrongLastSequence:
                 pass
+            # The key exists: it may only be re-used over a deleted record, at that exact revision.
+            current = await self.js.last(subject)
+            if current is not None and _live_record(key, current.seq, current.data, current.headers) is None:
+                try:
+                    return await self.js.publish(subject, data, current.seq)
+                except WrongLastSequence:
+                    pass
+        except OutcomeUnknown as exc:
+            self._settle_later(exc, lambda seq: self._undo_create(key, seq, record))
+            raise OutcomeUnknown(
+                f"{exc.detail}; the trigger is not created: should the store commit it later, the "
+                "service deletes it again, so the create can be retried",
+                exc.subject,
+                exc.msg_id,
+            ) from None
         _, trigger_type, name = split_key(key)
         raise Conflict(f"a {trigger_type} trigger named {name!r} already exists")
 
@@ -191,33 +183,36 @@ class TriggerStore:
         it is missing or already deleted."""
         for _ in range(3):
             record, revision = await self.get(key)
-            tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339())
             try:
-                return record, await _guard(self.kv.update(key, _encode(tombstone), last=revision))
-            except nats.js.errors.KeyWrongLastSequenceError:
+                return record, await self._tombstone(key, record, revision)
+            except WrongLastSequence:
                 continue  # it changed under us: look again
+            except OutcomeUnknown as exc:
+                finish = functools.partial(self._finish_delete, key, revision)
+                self._settle_later(exc, None, finish)
+                raise OutcomeUnknown(
+                    f"{exc.detail}; the service completes the delete once the store answers again",
+                    exc.subject,
+                    exc.msg_id,
+                ) from None
         raise Conflict("the trigger changed during the delete; try again")
 
     async def live(self, key_pattern: str) -> list[tuple[str, Trigger]]:
-        """Every live record whose key matches `key_pattern`, filtered by the server."""
+        """Every live record whose key matches `key_pattern`: complete, or Unavailable."""
         found: list[tuple[str, Trigger]] = []
-        async with self._watcher(key_pattern) as watcher:
-            while (entry := await watcher.updates(timeout=None)) is not None:
-                change = _change(entry)
-                if change.record is not None:
-                    found.append((change.key, change.record))
+        for delivery in await read(self.js, self.prefix, key_pattern):
+            record = self._change(delivery).record
+            if record is not None:
+                found.append((delivery.key, record))
         return found
 
     async def history(self, key: str) -> list[Revision]:
-        """Every stored revision of `key`, oldest first; NotFound when it never existed."""
-        try:
-            entries = await _guard(self.kv.history(key))
-        except nats.js.errors.NoKeysError:
-            raise NotFound("no such trigger") from None
+        """Every stored revision of `key`, oldest first (complete, or Unavailable); NotFound when it
+        never existed."""
         revisions = [
-            Revision(int(entry.revision or 0), _rfc3339(entry.created), _decode_record(entry.value))
-            for entry in entries
-            if entry.value and entry.operation is None
+            Revision(d.seq, _rfc3339_ns(d.time_ns), record)
+            for d in await read(self.js, self.prefix, key, history=True)
+            if not d.deleted and d.data and (record := _decode_or_none(key, d.seq, d.data)) is not None
         ]
         if not revisions:
             raise NotFound("no such trigger")
@@ -228,183 +223,119 @@ class TriggerStore:
 
     async def get_raw(self, key: str) -> tuple[bytes | None, int]:
         """The value at `key` and its revision; (None, 0) when the key holds nothing."""
-        try:
-            entry = await _guard(self.kv.get(key))
-        except nats.js.errors.KeyNotFoundError:
+        message = await self.js.last(self.prefix + key)
+        if message is None:
             return None, 0
-        return entry.value or b"", entry.revision or 0
+        if message.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None, message.seq
+        return message.data, message.seq
 
     async def put_raw(self, key: str, value: bytes, last: int) -> int | None:
         """Write `value` if `key` is still at revision `last` (0: holds nothing); None when it moved on."""
         try:
-            if last == 0:
-                return await _guard(self.kv.create(key, value))
-            return await _guard(self.kv.update(key, value, last=last))
-        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self.js.publish(self.prefix + key, value, last)
+        except WrongLastSequence:
             return None
 
     async def raw_keys(self, key_pattern: str) -> list[str]:
         """Every key matching `key_pattern` that holds a value."""
-        keys: list[str] = []
-        async with self._watcher(key_pattern, ignore_deletes=True, meta_only=True) as watcher:
-            while (entry := await watcher.updates(timeout=None)) is not None:
-                keys.append(entry.key)
-        return keys
+        return [d.key for d in await read(self.js, self.prefix, key_pattern) if not d.deleted and d.data]
 
-    async def follow(
-        self, key_pattern: str, on_ready: Callable[[], Awaitable[None]] | None = None
-    ) -> AsyncGenerator[Change, None]:
-        """Every live record matching `key_pattern`, then every later change, forever.
-
-        `on_ready` is awaited once, when the records that existed at the start have all been
-        yielded; until then a failure ends the iteration with its error. Later, when the watch
-        fails, the connection reconnects, or the consumer throws an exception in at a change
-        (`athrow`), the bucket is watched again from a fresh snapshot: its records are yielded
-        again, and a key yielded as live but missing from it is yielded as no longer live.
-        """
-        live: dict[str, int] = {}  # key -> revision of the record last yielded as live
-        loaded = False
-        retry = _RETRY_MIN
-        while True:
-            loading, snapshot, newest = True, set(), 0  # this watch's snapshot: keys, highest revision
-            try:
-                async with contextlib.aclosing(self._watch(key_pattern)) as changes:
-                    async for change in changes:
-                        if change is None:  # the snapshot is complete
-                            # A missing key stopped being live before `newest`: a revision that
-                            # retires its route but is older than any later record of the key.
-                            for key in [key for key in live if key not in snapshot]:
-                                yield Change(key, max(newest, live.pop(key)), None)
-                            loading, retry = False, _RETRY_MIN
-                            if not loaded:
-                                if on_ready is not None:
-                                    await on_ready()
-                                loaded = True
-                            continue
-                        if loading:
-                            snapshot.add(change.key)
-                            newest = max(newest, change.revision)
-                        if change.record is None:
-                            live.pop(change.key, None)
-                        else:
-                            live[change.key] = change.revision
-                        yield change
-            except _Reconnected:
-                _log.info("reconnected to NATS; watching the bucket again", keys=key_pattern)
-            except Exception:
-                if not loaded:
-                    raise
-                _log.exception("following the bucket failed; watching it again", keys=key_pattern)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, _RETRY_MAX)
-
-    @contextlib.asynccontextmanager
-    async def following(
+    def following(
         self,
         key_pattern: str,
-        apply: Apply,
+        apply: Callable[[Change], Awaitable[None]],
         on_ready: Callable[[], Awaitable[None]] | None = None,
-    ) -> AsyncIterator[None]:
-        """Apply every change of `follow(key_pattern)` in a task; entered once the first snapshot is applied.
+    ) -> contextlib.AbstractAsyncContextManager[Follower[Change]]:
+        """Apply every change of the keys matching `key_pattern` (see follower.following)."""
+        return following(self.js, self.prefix, key_pattern, self._change, _retired, _is_live, apply, on_ready)
 
-        Entering fails with the error that stopped the first load. When `apply` fails on a change
-        later, the bucket is watched again (and the change applied again). Leaving stops the task.
-        """
-        loaded = asyncio.get_running_loop().create_future()
+    # --- writes whose outcome was unknown ------------------------------------------------------
 
-        async def ready() -> None:
-            if on_ready is not None:
-                await on_ready()
-            loaded.set_result(None)
+    async def _tombstone(self, key: str, record: Trigger, revision: int) -> int:
+        tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339())
+        return await self.js.publish(self.prefix + key, _encode(tombstone), revision)
 
-        task = asyncio.create_task(self._apply_all(key_pattern, apply, ready), name=f"follow {key_pattern}")
-        try:
-            await asyncio.wait({task, loaded}, return_when=asyncio.FIRST_COMPLETED)
-            if not loaded.done():
-                task.result()  # the first load failed: its error
-                raise Unavailable(f"stopped following {key_pattern} before loading it")
-            yield
-        finally:
-            await _stop(task)
-            loaded.cancel()
+    async def _undo_create(self, key: str, seq: int, record: Trigger) -> None:
+        with contextlib.suppress(WrongLastSequence):  # changed since: not ours to undo any more
+            await self._tombstone(key, record, seq)
+            _log.warning("removed a trigger whose create was answered 504", key=key, revision=seq)
 
-    async def _apply_all(
-        self, key_pattern: str, apply: Apply, on_ready: Callable[[], Awaitable[None]]
+    async def _finish_delete(self, key: str, revision: int) -> None:
+        with contextlib.suppress(WrongLastSequence, NotFound):
+            current, now = await self.get(key)
+            if now == revision:
+                await self._tombstone(key, current, revision)
+                _log.warning("completed a delete answered 'outcome unknown'", key=key, revision=revision)
+
+    def _settle_later(
+        self,
+        exc: OutcomeUnknown,
+        on_stored: Callable[[int], Awaitable[None]] | None,
+        on_not_stored: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        async with contextlib.aclosing(self.follow(key_pattern, on_ready)) as changes:
-            change = await anext(changes)
-            while True:
+        """Watch for the write's outcome for as long as JetStream could still commit it."""
+
+        async def settle() -> None:
+            give_up = time.monotonic() + DUPLICATE_WINDOW
+            while time.monotonic() < give_up:
                 try:
-                    await apply(change)
-                except Exception as exc:
-                    change = await changes.athrow(exc)  # `follow` watches again, or fails the start-up
-                else:
-                    change = await anext(changes)
+                    seq = await self.js.stored_as(exc.subject, exc.msg_id)
+                except Unavailable:
+                    await asyncio.sleep(_SETTLE_PAUSE)
+                    continue
+                try:
+                    if seq is not None:
+                        if on_stored is not None:
+                            await on_stored(seq)
+                        return
+                    if on_not_stored is not None:
+                        await on_not_stored()
+                        return
+                except (Unavailable, OutcomeUnknown):
+                    pass
+                await asyncio.sleep(_SETTLE_PAUSE)
+            _log.warning("gave up settling a write", subject=exc.subject, msg_id=exc.msg_id)
 
-    async def _watch(self, key_pattern: str) -> AsyncGenerator[Change | None, None]:
-        """One watch: its snapshot, None, then its changes; _Reconnected when the connection reconnects.
+        task = asyncio.create_task(settle(), name=f"settle {exc.subject}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
-        After a reconnect the watch's consumer may be gone (a restarted server), and nats-py would
-        not notice: `kv.watch` sets no idle heartbeat.
-        """
-        reconnects = self._nc.stats["reconnects"]
-        async with self._watcher(key_pattern) as watcher:
-            while True:
-                entry = _ready(watcher)
-                if entry is _IDLE:
-                    try:
-                        entry = await watcher.updates(timeout=_RECONNECT_CHECK)
-                    except nats.errors.TimeoutError:
-                        entry = _IDLE
-                if self._nc.stats["reconnects"] != reconnects:
-                    raise _Reconnected
-                if entry is None:
-                    yield None
-                elif isinstance(entry, KeyValue.Entry):
-                    yield _change(entry)
-                elif entry is not _IDLE:
-                    raise Unavailable("the bucket watch was stopped")
-
-    @contextlib.asynccontextmanager
-    async def _watcher(self, key_pattern: str, **options: bool) -> AsyncIterator[Any]:
-        """A KV watcher (its initial values end with None), stopped on the way out."""
-        watcher: Any = await _guard(self.kv.watch(key_pattern, **options))
-        try:
-            yield watcher
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    def _change(self, delivery: Delivery) -> Change:
+        record = None
+        if not delivery.deleted and delivery.data:
+            record = _live_record(delivery.key, delivery.seq, delivery.data, None)
+        return Change(delivery.key, delivery.seq, record)
 
 
-def _ready(watcher: Any) -> Any:
-    """The watcher's next entry if one is already queued, else _IDLE.
-
-    `updates(timeout=...)` costs a `wait_for` per entry (about 40 us on Python 3.11), which a
-    snapshot of thousands of records pays over and over; this peeks at nats-py's queue first.
-    """
-    queue = getattr(watcher, "_updates", None)
-    if isinstance(queue, asyncio.Queue) and not queue.empty():
-        return queue.get_nowait()
-    return _IDLE
+def _retired(key: str, revision: int) -> Change:
+    return Change(key, revision, None)
 
 
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel `task` until it is done: nats-py swallows a cancellation that lands in a publish."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.5)
-    if not task.cancelled():
-        task.exception()  # retrieved: the start-up already reported it
+def _is_live(change: Change) -> bool:
+    return change.record is not None
 
 
-def _change(entry: Any) -> Change:
-    record: Trigger | None = None
-    if entry.operation is None and entry.value:
-        try:
-            decoded = _decode_record(entry.value)
-        except msgspec.DecodeError:  # corrupt, or not a record this release understands
-            _log.warning("skipping an undecodable record", key=entry.key, revision=entry.revision)
-            decoded = None
-        if decoded is not None and decoded.type != "deleted":
-            record = decoded
-    return Change(entry.key, entry.revision, record)
+def _decode_or_none(key: str, revision: int, data: bytes) -> Trigger | None:
+    try:
+        return _decode_record(data)
+    except msgspec.DecodeError:  # corrupt, or not a record this release understands
+        _log.warning("skipping an undecodable record", key=key, revision=revision)
+        return None
+
+
+def _live_record(key: str, revision: int, data: bytes, headers: dict[str, str] | None) -> Trigger | None:
+    """The record in a stored value when it is a live trigger; None for deletes and tombstones."""
+    if headers and headers.get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    if not data:
+        return None
+    record = _decode_or_none(key, revision, data)
+    if record is None or record.type == "deleted":
+        return None
+    return record
+
+
+def _rfc3339_ns(time_ns: int) -> str:
+    moment = datetime.fromtimestamp(time_ns / 1e9, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

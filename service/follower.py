@@ -1,0 +1,361 @@
+"""Following the bucket: complete snapshots, then every change, with a watch that cannot die silently.
+
+nats-py's KV watch decides that its snapshot is complete from the consumer's pending count alone,
+which a consumer placed on a lagging replica (or created while the server still counts) reports
+as 0 too early: snapshots came back short or empty. Here completeness is decided from the
+stream's own state: before a snapshot, the stream leader names the newest message matching the
+pattern (the horizon); the snapshot is complete only once a delivery at or past the horizon has
+arrived with nothing pending behind it.
+
+Each watch is an ordered push consumer (no acks, memory storage, one replica, flow control) with
+an idle heartbeat. It is declared lost, and the bucket is watched again from a fresh snapshot,
+when nothing (message or heartbeat) arrives for STALLED_AFTER seconds, when a delivery or a
+heartbeat shows a gap in the consumer sequence, when the server reports a status, or when the
+connection reconnects. A fresh snapshot re-yields every live record and retires only the keys it
+no longer holds, so live routes stay up while a watch is re-established.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from service import log
+from service.errors import Unavailable
+from service.jetstream import JetStream
+
+HEARTBEAT = 0.5  # seconds between the server's idle heartbeats on a watch
+STALLED_AFTER = 1.5  # a watch that delivered nothing, not even a heartbeat, for this long is lost
+READ_ATTEMPTS = 3  # fresh consumers a one-shot read tries before it is a 503
+_INACTIVE = 10.0  # the server removes a consumer whose subscriber went away after this long
+_RETRY_MIN, _RETRY_MAX = 0.1, 1.0  # seconds between attempts to watch a failing bucket again
+_NS = 1_000_000_000
+_log = log.get("follower")
+C = TypeVar("C")
+
+
+class WatchLost(Exception):
+    """The watch's consumer stopped delivering, skipped a message, or lost its connection."""
+
+
+class Delivery:
+    """One message of the bucket as a watch delivered it."""
+
+    __slots__ = ("data", "deleted", "key", "pending", "seq", "time_ns")
+
+    def __init__(self, key: str, seq: int, pending: int, data: bytes, deleted: bool, time_ns: int) -> None:
+        self.key, self.seq, self.pending = key, seq, pending
+        self.data, self.deleted, self.time_ns = data, deleted, time_ns
+
+
+class OrderedConsumer:
+    """One ephemeral ordered push consumer over a bucket's keys, checked delivery by delivery."""
+
+    def __init__(self, js: JetStream, prefix: str) -> None:
+        self._js = js
+        self._nc: Client = js.nc
+        self._prefix = prefix
+        self._queue: collections.deque[Msg] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._cseq = 0
+        self._name = ""
+        self._sub: Any = None
+        self._reconnects = 0
+
+    async def start(self, key_pattern: str, deliver_policy: str) -> None:
+        """Create the consumer and subscribe to its deliveries."""
+        self._reconnects = self._nc.stats["reconnects"]
+        inbox = self._nc.new_inbox()
+        self._name = inbox.rsplit(".", 1)[-1]
+
+        async def received(msg: Msg) -> None:
+            self._queue.append(msg)
+            self._arrived.set()
+
+        self._sub = await self._nc.subscribe(
+            inbox, cb=received, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        config = {
+            "name": self._name,
+            "deliver_subject": inbox,
+            "deliver_policy": deliver_policy,
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "filter_subject": self._prefix + key_pattern,
+            "replay_policy": "instant",
+            "flow_control": True,
+            "idle_heartbeat": int(HEARTBEAT * _NS),
+            "inactive_threshold": int(_INACTIVE * _NS),
+            "mem_storage": True,
+            "num_replicas": 1,
+        }
+        stream = self._js.stream
+        request = {"stream_name": stream, "config": config}
+        await self._js.api(f"CONSUMER.CREATE.{stream}.{self._name}", request)
+
+    async def next(self) -> Delivery:
+        """The next delivery; WatchLost when the watch can no longer be trusted."""
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), STALLED_AFTER)
+                except TimeoutError:
+                    raise WatchLost(f"nothing arrived for {STALLED_AFTER}s") from None
+            msg = self._queue.popleft()
+            if self._nc.stats["reconnects"] != self._reconnects:
+                raise WatchLost("the connection reconnected")
+            headers = msg.headers
+            if headers and "Status" in headers:
+                await self._control(msg, headers)
+                continue
+            tokens = msg.reply.split(".")
+            base = 2 if len(tokens) == 9 else 4  # $JS.ACK.<stream>... or $JS.ACK.<domain>.<hash>.<stream>...
+            cseq = int(tokens[base + 4])
+            if cseq != self._cseq + 1:
+                raise WatchLost(f"consumer sequence jumped from {self._cseq} to {cseq}")
+            self._cseq = cseq
+            operation = headers.get("KV-Operation") if headers else None
+            return Delivery(
+                key=msg.subject[len(self._prefix) :],
+                seq=int(tokens[base + 3]),
+                pending=int(tokens[base + 6]),
+                data=msg.data,
+                deleted=operation in ("DEL", "PURGE") or bool(headers and "Nats-Marker-Reason" in headers),
+                time_ns=int(tokens[base + 5]),
+            )
+
+    async def _control(self, msg: Msg, headers: dict[str, str]) -> None:
+        status = headers["Status"]
+        if status != "100":
+            raise WatchLost(f"the server reported {status} {headers.get('Description', '')}".strip())
+        if msg.reply:  # a flow-control request: everything before it has been taken in
+            await self._nc.publish(msg.reply, b"")
+        stalled = headers.get("Nats-Consumer-Stalled")
+        if stalled:
+            await self._nc.publish(stalled, b"")
+        last = headers.get("Nats-Last-Consumer")
+        if last is not None and int(last) != self._cseq:
+            raise WatchLost(f"heartbeat says {last} delivered, {self._cseq} received")
+
+    async def stop(self) -> None:
+        """Unsubscribe and ask the server to remove the consumer (it goes by itself when inactive)."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+            if self._nc.is_connected:
+                with contextlib.suppress(nats.errors.Error):
+                    await self._nc.publish(
+                        f"$JS.API.CONSUMER.DELETE.{self._js.stream}.{self._name}",
+                        b"",
+                        reply=self._nc.new_inbox(),
+                    )
+
+
+async def watch(js: JetStream, prefix: str, key_pattern: str) -> AsyncGenerator[Delivery | None, None]:
+    """One watch: the newest message of every key, None once that snapshot is complete, then changes.
+
+    Ends with WatchLost when the watch can no longer be trusted, Unavailable when JetStream
+    cannot say where the snapshot ends.
+    """
+    horizon = await js.horizon(prefix + key_pattern)
+    consumer = OrderedConsumer(js, prefix)
+    try:
+        await consumer.start(key_pattern, "last_per_subject")
+        loading = horizon > 0
+        if not loading:
+            yield None
+        while True:
+            delivery = await consumer.next()
+            yield delivery
+            if loading and delivery.seq >= horizon and delivery.pending == 0:
+                loading = False
+                yield None
+    finally:
+        await consumer.stop()
+
+
+async def read(js: JetStream, prefix: str, key_pattern: str, *, history: bool = False) -> list[Delivery]:
+    """Every key's newest message (or, with `history`, every message), complete as of the call.
+
+    A consumer that stops delivering (its node went away) is replaced by a fresh one; after
+    READ_ATTEMPTS the read is a 503, never a shorter answer.
+    """
+    for _ in range(READ_ATTEMPTS):
+        horizon = await js.horizon(prefix + key_pattern)
+        if horizon == 0:
+            return []
+        found: dict[str, Delivery] = {}
+        found_all: list[Delivery] = []
+        consumer = OrderedConsumer(js, prefix)
+        try:
+            await consumer.start(key_pattern, "all" if history else "last_per_subject")
+            while True:
+                delivery = await consumer.next()
+                if history:
+                    found_all.append(delivery)
+                else:
+                    found.pop(delivery.key, None)  # a later revision of a key replaces the earlier one
+                    found[delivery.key] = delivery
+                if delivery.seq >= horizon and delivery.pending == 0:
+                    return found_all if history else list(found.values())
+        except WatchLost as exc:
+            _log.info("read lost its consumer; reading again", keys=key_pattern, reason=str(exc))
+        finally:
+            await consumer.stop()
+    raise Unavailable("the trigger store did not deliver a complete answer")
+
+
+class Follower(Generic[C]):
+    """The state of one follow: how far it has applied the bucket."""
+
+    def __init__(self) -> None:
+        self.position = 0  # the stream sequence of the newest change applied
+        self._moved = asyncio.Event()
+
+    def advance(self, seq: int) -> None:
+        """Record that the change at `seq` was applied."""
+        if seq > self.position:
+            self.position = seq
+            self._moved.set()
+
+    async def reached(self, seq: int, within: float) -> None:
+        """Return once the change at `seq` (or a later one) is applied; Unavailable after `within` s."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
+        while self.position < seq:
+            self._moved.clear()
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise Unavailable("the service has not caught up with the trigger store")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), remaining)
+
+
+Decode = Callable[[Delivery], C]
+Apply = Callable[[C], Awaitable[None]]
+Retire = Callable[[str, int], C]
+
+
+async def follow(
+    js: JetStream,
+    prefix: str,
+    key_pattern: str,
+    decode: Decode[C],
+    retire: Retire[C],
+    is_live: Callable[[C], bool],
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncGenerator[tuple[C, int], None]:
+    """(change, seq) for every live key matching `key_pattern`, then for every later change, forever.
+
+    `on_ready` is awaited once, when the first complete snapshot has been yielded. When a watch
+    is lost, JetStream fails, or the consumer throws an exception in at a change (`athrow`), the
+    bucket is watched again from a fresh snapshot: its records are yielded again, and a key
+    yielded as live but missing from it is yielded as `retire(key, revision)`. Until the first
+    snapshot is complete, failures are logged and retried (a start-up waits for the bucket).
+    """
+    live: dict[str, int] = {}  # key -> revision of the change last yielded as live
+    loaded = False
+    retry = _RETRY_MIN
+    while True:
+        loading, snapshot, newest = True, set(), 0
+        try:
+            async with contextlib.aclosing(watch(js, prefix, key_pattern)) as deliveries:
+                async for delivery in deliveries:
+                    if delivery is None:  # the snapshot is complete
+                        # A missing key stopped being live before `newest`: a revision that
+                        # retires its route but is older than any later record of the key.
+                        for key in [key for key in live if key not in snapshot]:
+                            yield retire(key, max(newest, live.pop(key))), 0
+                        loading, retry = False, _RETRY_MIN
+                        if not loaded:
+                            if on_ready is not None:
+                                await on_ready()
+                            loaded = True
+                        continue
+                    if loading:
+                        snapshot.add(delivery.key)
+                        newest = max(newest, delivery.seq)
+                    change = decode(delivery)
+                    if is_live(change):
+                        live[delivery.key] = delivery.seq
+                    else:
+                        live.pop(delivery.key, None)
+                    yield change, delivery.seq
+        except (WatchLost, Unavailable) as exc:
+            log_ = _log.info if loaded else _log.warning
+            log_(
+                "watching the bucket again" if loaded else "waiting for the trigger bucket",
+                keys=key_pattern,
+                reason=str(exc),
+            )
+        except Exception as exc:
+            _log.exception("following the bucket failed; watching it again", keys=key_pattern, error=str(exc))
+        await asyncio.sleep(retry)
+        retry = min(retry * 2, _RETRY_MAX)
+
+
+@contextlib.asynccontextmanager
+async def following(
+    js: JetStream,
+    prefix: str,
+    key_pattern: str,
+    decode: Decode[C],
+    retire: Retire[C],
+    is_live: Callable[[C], bool],
+    apply: Apply[C],
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[Follower[C]]:
+    """Apply every change of `follow(...)` in a task; entered once the first snapshot is applied.
+
+    When `apply` fails on a change, the bucket is watched again (and the change applied again).
+    Leaving stops the task.
+    """
+    follower: Follower[C] = Follower()
+    loaded = asyncio.get_running_loop().create_future()
+
+    async def ready() -> None:
+        if on_ready is not None:
+            await on_ready()
+        loaded.set_result(None)
+
+    async def run() -> None:
+        changes = follow(js, prefix, key_pattern, decode, retire, is_live, ready)
+        async with contextlib.aclosing(changes):
+            change, seq = await anext(changes)
+            while True:
+                try:
+                    await apply(change)
+                except Exception as exc:
+                    change, seq = await changes.athrow(exc)  # `follow` watches again
+                else:
+                    follower.advance(seq)
+                    change, seq = await anext(changes)
+
+    task = asyncio.create_task(run(), name=f"follow {key_pattern}")
+    try:
+        await asyncio.wait({task, loaded}, return_when=asyncio.FIRST_COMPLETED)
+        if not loaded.done():
+            task.result()  # the follow ended before loading: its error
+            raise Unavailable(f"stopped following {key_pattern} before loading it")
+        yield follower
+    finally:
+        await _stop(task)
+        loaded.cancel()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` until it is done: nats-py swallows a cancellation that lands in a publish."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()  # retrieved: the start-up already reported it

@@ -1,0 +1,228 @@
+"""The JetStream API calls the store and the follower make, with bounded time and settled writes.
+
+Reads that must be complete or current go to the stream leader (`STREAM.MSG.GET`, `STREAM.INFO`),
+which answers from the newest committed state; a direct get may be answered by a lagging
+follower. Writes carry a message id and are retried until acknowledged: when an attempt timed
+out (the leader may have stored it and lost the acknowledgement), a later "wrong last sequence"
+is settled by reading the key back and comparing the message id, so a reply never claims that a
+write failed while it was in fact stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from service import log
+from service.errors import ApiError, Unavailable
+
+ATTEMPT_TIMEOUT = 0.75  # seconds one JetStream request may take before it is tried again
+READ_DEADLINE = 2.0  # a read that JetStream cannot answer is a 503 after this long
+WRITE_DEADLINE = 3.0  # a write is settled (stored, refused, or outcome unknown) within this long
+_RETRY_PAUSE = 0.1
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+NO_MESSAGE = 10037
+WRONG_LAST_SEQUENCE = 10071
+STREAM_NOT_FOUND = 10059
+_decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
+_log = log.get("jetstream")
+
+
+class OutcomeUnknown(ApiError):
+    """A write JetStream neither confirmed nor refused in time: `msg_id` on `subject` may yet be stored."""
+
+    status, kind = 504, "Outcome unknown"
+
+    def __init__(self, detail: str, subject: str = "", msg_id: str = "") -> None:
+        super().__init__(detail)
+        self.subject, self.msg_id = subject, msg_id
+
+
+class BucketMissing(Unavailable):
+    """The bucket's stream does not exist."""
+
+
+class JetStreamError(Exception):
+    """An error reply of the JetStream API."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{description} (code {code}, error {err_code})")
+        self.code, self.err_code, self.description = code, err_code, description
+
+
+class WrongLastSequence(Exception):
+    """A compare-and-set write found the subject at another sequence."""
+
+
+class StoredMessage(msgspec.Struct, frozen=True):
+    """One message of a stream, as the leader returned it."""
+
+    subject: str
+    seq: int
+    data: bytes
+    headers: dict[str, str]
+    time: str
+
+
+def _transient(error: JetStreamError) -> bool:
+    """An error that means "not now" (no leader, no quorum, JetStream busy), not "never"."""
+    return error.code in (408, 500, 503) or error.err_code in (10008, 10076, 10077, 10118)
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip()] = value.strip()
+    return headers
+
+
+class JetStream:
+    """The JetStream API of one stream, over one connection."""
+
+    def __init__(self, nc: Client, stream: str) -> None:
+        self.nc = nc
+        self.stream = stream
+
+    async def api(self, verb: str, request: dict[str, Any], deadline: float = READ_DEADLINE) -> Any:
+        """`$JS.API.<verb>`, retried while JetStream cannot answer; Unavailable after `deadline`."""
+        payload = _encode_json(request)
+        give_up = time.monotonic() + deadline
+        reason = "JetStream did not answer"
+        while True:
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"the trigger store is not available ({reason})")
+            try:
+                msg = await self.nc.request(
+                    f"$JS.API.{verb}", payload, timeout=min(ATTEMPT_TIMEOUT, remaining)
+                )
+            except nats.errors.NoRespondersError:
+                reason = "no JetStream server answered"
+            except (TimeoutError, nats.errors.TimeoutError):
+                reason = "JetStream did not answer in time"
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                reason = "not connected to NATS"
+            else:
+                reply = _decode_json(msg.data) if msg.data else {}
+                error = reply.get("error") if isinstance(reply, dict) else None
+                if not error:
+                    return reply
+                failure = JetStreamError(
+                    int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
+                )
+                if failure.err_code == STREAM_NOT_FOUND:
+                    raise BucketMissing("the trigger bucket does not exist")
+                if not _transient(failure):
+                    raise failure
+                reason = failure.description
+            await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
+
+    async def info(self) -> dict[str, Any]:
+        """The stream's info, from its leader."""
+        reply: dict[str, Any] = await self.api(f"STREAM.INFO.{self.stream}", {})
+        return reply
+
+    async def last(self, subject: str) -> StoredMessage | None:
+        """The newest message on `subject` (wildcards allowed), from the leader; None when there is none."""
+        return await self._get({"last_by_subj": subject})
+
+    async def at(self, seq: int) -> StoredMessage | None:
+        """The message at `seq`, from the leader; None when there is none."""
+        return await self._get({"seq": seq})
+
+    async def _get(self, request: dict[str, Any]) -> StoredMessage | None:
+        try:
+            reply = await self.api(f"STREAM.MSG.GET.{self.stream}", request)
+        except JetStreamError as exc:
+            if exc.err_code == NO_MESSAGE:
+                return None
+            raise
+        message = reply["message"]
+        raw_headers = message.get("hdrs")
+        return StoredMessage(
+            subject=message["subject"],
+            seq=int(message["seq"]),
+            data=base64.b64decode(message.get("data") or ""),
+            headers=_parse_headers(base64.b64decode(raw_headers)) if raw_headers else {},
+            time=str(message.get("time", "")),
+        )
+
+    async def horizon(self, subject: str) -> int:
+        """The sequence of the newest message on `subject`: a complete read includes at least that."""
+        newest = await self.last(subject)
+        return newest.seq if newest is not None else 0
+
+    async def publish(self, subject: str, data: bytes, expected_last: int) -> int:
+        """Store `data` on `subject` if the subject is still at `expected_last` (0: holds nothing).
+
+        Returns the new sequence; WrongLastSequence when the subject moved on; Unavailable when
+        nothing was stored; OutcomeUnknown when an attempt may have been stored and JetStream
+        did not tell within WRITE_DEADLINE.
+        """
+        msg_id = uuid.uuid4().hex
+        headers = {MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last)}
+        give_up = time.monotonic() + WRITE_DEADLINE
+        uncertain = False  # an attempt may have reached the leader without our hearing back
+        reason = "JetStream did not answer"
+        while True:
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                msg = await self.nc.request(
+                    subject, data, timeout=min(ATTEMPT_TIMEOUT, remaining), headers=headers
+                )
+            except nats.errors.NoRespondersError:
+                reason = "the bucket's stream has no leader"
+            except (TimeoutError, nats.errors.TimeoutError):
+                uncertain, reason = True, "JetStream did not acknowledge the write"
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                reason = "not connected to NATS"
+            else:
+                reply = _decode_json(msg.data) if msg.data else {}
+                error = reply.get("error")
+                if not error:
+                    return int(reply["seq"])
+                failure = JetStreamError(
+                    int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
+                )
+                if failure.err_code == WRONG_LAST_SEQUENCE:
+                    if uncertain:
+                        stored = await self.stored_as(subject, msg_id)
+                        if stored is not None:
+                            return stored
+                    raise WrongLastSequence(failure.description)
+                if failure.err_code == STREAM_NOT_FOUND:
+                    raise BucketMissing("the trigger bucket does not exist")
+                if not _transient(failure):
+                    raise failure
+                reason = failure.description
+            await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
+        if uncertain:
+            with contextlib.suppress(Unavailable):
+                stored = await self.stored_as(subject, msg_id)
+                if stored is not None:
+                    return stored
+            raise OutcomeUnknown(
+                f"the trigger store did not confirm the write in time ({reason})", subject, msg_id
+            )
+        raise Unavailable(f"the trigger store is not available ({reason}); nothing was stored")
+
+    async def stored_as(self, subject: str, msg_id: str) -> int | None:
+        """The sequence of the newest message on `subject` when it carries `msg_id`, else None."""
+        newest = await self.last(subject)
+        if newest is not None and newest.headers.get(MSG_ID) == msg_id:
+            return newest.seq
+        return None
