@@ -5,22 +5,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
-from service import log
+from service import log, serverversion
 from service.auth import Authenticator
 from service.config import Settings
+from service.errors import Unavailable
 from service.graph import RouteGraph
 from service.handlers import Carrier, Context
 from service.routing import Api
 from service.store import Observer, TriggerStore
 
 _log = log.get("app")
+T = TypeVar("T")
+WAIT_FIRST, WAIT_MAX = 0.1, 2.0  # seconds between start-up attempts: doubling from the first to the most
+# JetStream API errors that mean "not now" rather than "never" (nats-server's errors.json): no
+# quorum or leader yet, a node of the placement down, JetStream not (yet) enabled.
+_NOT_NOW = frozenset(
+    {
+        10004,  # incomplete results
+        10005,  # no suitable peers for placement
+        10007,  # JetStream cluster not assigned to this server
+        10008,  # JetStream system temporarily unavailable
+        10009,  # JetStream cluster can not handle request
+        10023,  # insufficient resources
+        10039,  # JetStream not enabled for account
+        10076,  # JetStream not enabled
+        10118,  # stream is offline
+    }
+)
 
 
 async def connect(settings: Settings, name: str) -> Client:
@@ -42,6 +62,73 @@ async def connect(settings: Settings, name: str) -> Client:
     return await nats.connect(**options)
 
 
+async def connect_supported(settings: Settings, name: str) -> Client:
+    """`connect`, then ServerTooOld (with the connection closed) unless the server is new enough."""
+    nc = await connect(settings, name)
+    url = nc.connected_url
+    where = f"{url.scheme}://{url.hostname}:{url.port}" if url is not None else "the NATS server"
+    try:
+        serverversion.require(str(nc._server_info.get("version") or ""), where=where)
+    except serverversion.ServerTooOld:
+        await nc.close()
+        raise
+    return nc
+
+
+async def finish(nc: Client) -> None:
+    """Drain the connection (what is in flight completes); close it when it is not connected now.
+
+    A shutdown must not fail because NATS went away: nats-py refuses to drain a connection that
+    is reconnecting, and its close first writes what it buffered meanwhile onto the lost socket.
+    """
+    if nc.is_closed:
+        return
+    if nc.is_connecting or nc.is_reconnecting:
+        with contextlib.suppress(OSError):  # the connection is gone either way
+            await nc.close()
+    else:
+        await nc.drain()
+
+
+def not_available_now(exc: BaseException) -> bool:
+    """True for a failure that may pass by itself: JetStream or the bucket not answering yet."""
+    if isinstance(exc, Unavailable | TimeoutError):
+        return True
+    if isinstance(exc, nats.js.errors.APIError):
+        return isinstance(exc, nats.js.errors.ServiceUnavailableError) or exc.err_code in _NOT_NOW
+    # Any other client error (no responders, reconnecting, ...) but a connection closed for good.
+    return isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, nats.js.errors.APIError):
+        if exc.description:
+            return f"{exc.description} (error {exc.err_code})" if exc.err_code else exc.description
+        if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            return "JetStream is not answering (no JetStream server responded)"
+    if isinstance(exc, Unavailable):
+        return exc.detail
+    return str(exc) or type(exc).__name__
+
+
+async def wait_for(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()` until it succeeds, for as long as it fails with something `not_available_now`.
+
+    Logs one warning per failed attempt, `waiting for <what>` with the reason; waits 0.1 s after
+    the first failure, doubling up to 2 s. Cancelling (a signal during start-up) stops the wait.
+    """
+    delay = WAIT_FIRST
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not not_available_now(exc):
+                raise
+            _log.warning(f"waiting for {what}", reason=_reason(exc), retry_in=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, WAIT_MAX)
+
+
 def make_carrier(settings: Settings, store: TriggerStore, observe: Observer) -> Carrier:
     """The data plane chosen by configuration; it shows each change it follows to `observe` too."""
     if settings.routing == "accounts":
@@ -53,13 +140,20 @@ def make_carrier(settings: Settings, store: TriggerStore, observe: Observer) -> 
     return SubscriptionCarrier(settings, store, connect, observe)
 
 
+async def open_store(nc: Client, settings: Settings) -> TriggerStore:
+    """The trigger bucket, waited for while JetStream cannot answer (no quorum, a leader election)."""
+    return await wait_for(
+        "the trigger bucket", lambda: TriggerStore.open(nc, settings.bucket, settings.replicas)
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Api]:
     """The service, from connect to drained connection."""
     async with contextlib.AsyncExitStack() as stack:
-        nc = await connect(settings, "trigger-service")
-        stack.push_async_callback(nc.drain)
-        store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
+        nc = await connect_supported(settings, "trigger-service")
+        stack.push_async_callback(finish, nc)
+        store = await open_store(nc, settings)
         graph = RouteGraph(single=settings.routing == "single")  # fed by the carrier's one bucket watch
         carrier = make_carrier(settings, store, graph.observe)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):

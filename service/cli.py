@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn
 
 from service import config, log
+from service.serverversion import ServerTooOld
 
 
 def _settings() -> config.Settings:
@@ -16,8 +17,10 @@ def _settings() -> config.Settings:
         _refuse(exc)
 
 
-def _refuse(exc: config.ConfigError) -> NoReturn:
-    print(f"configuration error: {exc}", file=sys.stderr)
+def _refuse(exc: config.ConfigError | ServerTooOld) -> NoReturn:
+    """One line on stderr and exit code 2: a start that cannot succeed until someone changes something."""
+    what = "unsupported NATS server" if isinstance(exc, ServerTooOld) else "configuration error"
+    print(f"{what}: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -37,7 +40,7 @@ def service_main(argv: list[str] | None = None) -> None:
 
     try:
         asyncio.run(serve(settings))
-    except config.ConfigError as exc:  # found at start-up, e.g. a signing key the servers do not trust
+    except (config.ConfigError, ServerTooOld) as exc:  # found at start-up, e.g. an untrusted signing key
         _refuse(exc)
 
 
@@ -47,4 +50,7 @@ def gateway_main(argv: list[str] | None = None) -> None:
     log.configure(settings.log_level, settings.log_format)
     from service.gateway.app import serve
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ServerTooOld as exc:
+        _refuse(exc)

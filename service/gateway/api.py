@@ -59,6 +59,17 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _decode_ping = msgspec.json.Decoder(_Ping).decode
 
 
+def not_connected(nc: Client) -> Unavailable | None:
+    """A 503 while the NATS connection is down, else None.
+
+    While nats-py reconnects it buffers a request and waits for the reply until the timeout, so
+    every request would be a 504 that took the whole timeout; answering at once is kinder.
+    """
+    if nc.is_connected:
+        return None
+    return Unavailable("not connected to NATS" + (" (reconnecting)" if nc.is_reconnecting else ""))
+
+
 def error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> web.Response:
     """The JSON envelope of an error, with its status."""
     body = _encode(ErrorReply(error=error.message, status_code=error.status))
@@ -93,8 +104,8 @@ class TriggerApi:
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when connected to NATS and a Trigger Service instance answers a micro PING."""
-        if not self._nc.is_connected:
-            return error_response(Unavailable("not connected to NATS"))
+        if down := not_connected(self._nc):
+            return error_response(down)
         try:
             reply = await self._nc.request(
                 _PING_SUBJECT, b"", timeout=min(2.0, self._settings.request_timeout)
@@ -150,12 +161,16 @@ class TriggerApi:
             raise PayloadTooLarge(
                 f"the request is over the NATS server's max payload ({self._nc.max_payload} bytes)"
             )
+        if down := not_connected(self._nc):
+            raise down
         timeout = self._settings.request_timeout
         try:
             reply = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise Unavailable("no Trigger Service instance is running") from None
         except nats.errors.TimeoutError:
+            if down := not_connected(self._nc):  # the connection dropped while we waited
+                raise down from None
             raise GatewayTimeout(f"the Trigger Service did not answer within {timeout:g} s") from None
         except nats.errors.MaxPayloadError:
             raise PayloadTooLarge("the request is over the NATS server's max payload") from None

@@ -12,13 +12,12 @@ import structlog
 from aiohttp import web
 
 from service import log
-from service.app import connect, run_until_signalled
+from service.app import connect_supported, finish, open_store, run_until_signalled
 from service.config import Settings
 from service.errors import ApiError, Internal
 from service.gateway.api import MAX_BODY, REQUEST_ID, Handler, TriggerApi, error_response
 from service.gateway.forward import GatewayRoutes
 from service.routing import REQUEST_ID_HEADER
-from service.store import TriggerStore
 
 _log = log.get("gateway")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -40,9 +39,9 @@ def build_app(settings: Settings, api: TriggerApi, routes: GatewayRoutes, max_bo
 async def running_gateway(settings: Settings) -> AsyncIterator[str]:
     """The sidecar, from connect to drained connection; yields its base URL (port 0 picks a free port)."""
     async with contextlib.AsyncExitStack() as stack:
-        nc = await connect(settings, "trigger-gateway")
-        stack.push_async_callback(nc.drain)
-        store = await TriggerStore.open(nc, settings.bucket, settings.replicas)
+        nc = await connect_supported(settings, "trigger-gateway")
+        stack.push_async_callback(finish, nc)
+        store = await open_store(nc, settings)
         routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
         app = build_app(settings, TriggerApi(settings, nc), routes, max(MAX_BODY, nc.max_payload))

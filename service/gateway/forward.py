@@ -35,6 +35,7 @@ from service.errors import (
     Unauthorized,
     Unavailable,
 )
+from service.gateway.api import not_connected
 from service.gateway.ratelimit import SlidingWindow
 from service.gateway.tokens import VerifiedTokens
 from service.store import Change, TriggerStore
@@ -202,6 +203,9 @@ class GatewayRoutes:
         else:
             account = DEFAULT_ACCOUNT
 
+        if down := not_connected(self._nc):  # at once, not after the route's timeout
+            return _error(down)
+
         limiter = route.limiter
         if limiter is not None:
             wait = limiter.acquire(time.monotonic())
@@ -241,15 +245,13 @@ class GatewayRoutes:
         except nats.errors.NoRespondersError:
             return _error(Unavailable(f"no responder for {method} {route.path}"))
         except nats.errors.TimeoutError:
+            if down := not_connected(self._nc):  # the connection dropped while we waited
+                return _error(down)
             return _error(GatewayTimeout(f"no reply for {method} {route.path} within {route.timeout:g} s"))
         except nats.errors.MaxPayloadError:
             return _too_large(max_payload)
-        except (
-            nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionDrainingError,
-            nats.errors.OutboundBufferLimitError,
-        ):
-            return _error(Unavailable("not connected to NATS"))
+        except nats.errors.Error:  # closed, draining, reconnecting, outbound buffer full, ...
+            return _error(not_connected(self._nc) or Unavailable("not connected to NATS"))
         return _response(reply.data, reply.headers)
 
     def _no_route(self, request: web.Request) -> web.Response:
