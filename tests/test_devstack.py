@@ -1,10 +1,12 @@
-"""`make run` (service.devstack): which NATS server it uses, and the whole stack from start to Ctrl-C."""
+"""`make run` (service.devstack): which NATS server it uses, and the whole stack from start to Ctrl-C;
+and `make run-cluster` (service.clusterstack) from start to Ctrl-C."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -12,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service import devstack
+from service import clusterstack, devstack
 from service.natsserver import NatsServer
 from tests.http_fixtures import call
-from tests.support import unique
+from tests.support import stream_request, unique
 
 
 def write_config(directory: Path, port: int, http_port: int) -> Path:
@@ -128,3 +130,61 @@ async def test_the_stack_starts_answers_and_stops_on_ctrl_c(in_tmp: Path, nats_s
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.get(f"{url}/healthz")
+
+
+async def test_the_cluster_stack_starts_answers_and_stops_on_ctrl_c(in_tmp: Path) -> None:
+    """`python -m service.clusterstack`: three nodes, a trigger created through the sidecar, then a
+    clean SIGINT exit that leaves no node, service or sidecar behind."""
+    env = {
+        **os.environ,
+        "TRIGGER_HTTP_ADDR": "127.0.0.1:0",
+        "TRIGGER_BUCKET": unique("bucket"),
+        "LOG_LEVEL": "warning",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.clusterstack", env=env, stdout=asyncio.subprocess.PIPE, cwd=in_tmp
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not lines or lines[-1] != clusterstack.LAST_LINE:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "clusterstack ended before printing its banner:\n" + "".join(lines)
+                lines.append(line.rstrip("\n"))
+        url = next(line.split()[2] for line in lines if line.strip().startswith("HTTP API"))
+        token = next(line.removeprefix("export TOKEN=") for line in lines if line.startswith("export TOKEN="))
+        nodes = [line.split() for line in lines if re.match(r"  n[123]   pid \d+ ", line)]
+        assert [node[0] for node in nodes] == ["n1", "n2", "n3"]
+        pids, urls = [int(node[2]) for node in nodes], [node[3] for node in nodes]
+        assert f"kill -9 {pids[1]}" in lines
+        assert all((in_tmp / "data" / "cluster" / name).is_dir() for name in ("n1", "n2", "n3"))
+        async with aiohttp.ClientSession() as http:
+            created = await call(
+                http,
+                "POST",
+                f"{url}/trigger/stream",
+                account=None,
+                headers={"Authorization": f"Bearer {token}"},
+                json=stream_request(unique(), "cluster.s", "cluster.d"),
+            )
+            assert created.status == 201, created.envelope
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rest = (await proc.stdout.read()).decode()
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "sidecar stopped" in rest
+    assert "service-1 stopped" in rest
+    assert "service-2 stopped" in rest
+    assert "nats-server nodes stopped" in rest
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(f"{url}/healthz")
+    for pid, node_url in zip(pids, urls, strict=True):
+        assert not await devstack._listening(node_url)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
