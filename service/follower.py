@@ -36,6 +36,7 @@ STALLED_AFTER = 1.5  # a watch that delivered nothing, not even a heartbeat, for
 READ_ATTEMPTS = 3  # fresh consumers a one-shot read tries before it is a 503
 _INACTIVE = 10.0  # the server removes a consumer whose subscriber went away after this long
 _RETRY_MIN, _RETRY_MAX = 0.1, 1.0  # seconds between attempts to watch a failing bucket again
+_PLACEMENTS = 4  # attempts at placing the spare consumer on another server than the first
 _NS = 1_000_000_000
 _log = log.get("follower")
 C = TypeVar("C")
@@ -67,11 +68,10 @@ class OrderedConsumer:
         self._cseq = 0
         self._name = ""
         self._sub: Any = None
-        self._reconnects = 0
+        self.node = ""  # the server that holds the consumer (clustered JetStream)
 
-    async def start(self, key_pattern: str, deliver_policy: str) -> None:
-        """Create the consumer and subscribe to its deliveries."""
-        self._reconnects = self._nc.stats["reconnects"]
+    async def start(self, key_pattern: str, deliver_policy: str, start_seq: int = 0) -> None:
+        """Create the consumer and subscribe to its deliveries (from `start_seq` when given)."""
         inbox = self._nc.new_inbox()
         self._name = inbox.rsplit(".", 1)[-1]
 
@@ -85,7 +85,7 @@ class OrderedConsumer:
         config = {
             "name": self._name,
             "deliver_subject": inbox,
-            "deliver_policy": deliver_policy,
+            "deliver_policy": "by_start_sequence" if start_seq else deliver_policy,
             "ack_policy": "none",
             "max_deliver": 1,
             "filter_subject": self._prefix + key_pattern,
@@ -96,9 +96,12 @@ class OrderedConsumer:
             "mem_storage": True,
             "num_replicas": 1,
         }
+        if start_seq:
+            config["opt_start_seq"] = start_seq
         stream = self._js.stream
         request = {"stream_name": stream, "config": config}
-        await self._js.api(f"CONSUMER.CREATE.{stream}.{self._name}", request)
+        info = await self._js.api(f"CONSUMER.CREATE.{stream}.{self._name}", request)
+        self.node = str((info.get("cluster") or {}).get("leader") or "")
 
     async def next(self) -> Delivery:
         """The next delivery; WatchLost when the watch can no longer be trusted."""
@@ -110,8 +113,6 @@ class OrderedConsumer:
                 except TimeoutError:
                     raise WatchLost(f"nothing arrived for {STALLED_AFTER}s") from None
             msg = self._queue.popleft()
-            if self._nc.stats["reconnects"] != self._reconnects:
-                raise WatchLost("the connection reconnected")
             headers = msg.headers
             if headers and "Status" in headers:
                 await self._control(msg, headers)
@@ -163,24 +164,111 @@ class OrderedConsumer:
 async def watch(js: JetStream, prefix: str, key_pattern: str) -> AsyncGenerator[Delivery | None, None]:
     """One watch: the newest message of every key, None once that snapshot is complete, then changes.
 
-    Ends with WatchLost when the watch can no longer be trusted, Unavailable when JetStream
-    cannot say where the snapshot ends.
+    After the snapshot a second consumer follows the same keys, so that the loss of the node
+    holding one consumer costs nothing: the other goes on, duplicates are dropped by stream
+    sequence, and a replacement is started in the background (which needs the JetStream meta
+    leader, itself re-elected after a node loss). Ends with WatchLost when no consumer is left,
+    Unavailable when JetStream cannot say where the snapshot ends.
     """
     horizon = await js.horizon(prefix + key_pattern)
-    consumer = OrderedConsumer(js, prefix)
+    primary = OrderedConsumer(js, prefix)
     try:
-        await consumer.start(key_pattern, "last_per_subject")
-        loading = horizon > 0
-        if not loading:
-            yield None
+        await primary.start(key_pattern, "last_per_subject")
+        position = 0
+        if horizon > 0:
+            while True:
+                delivery = await primary.next()
+                position = delivery.seq
+                yield delivery
+                if delivery.seq >= horizon and delivery.pending == 0:
+                    break
+        yield None
+    except BaseException:
+        await primary.stop()
+        raise
+    async with _Pair(js, prefix, key_pattern, primary) as pair:
         while True:
-            delivery = await consumer.next()
+            delivery = await pair.next(position)
+            position = delivery.seq
             yield delivery
-            if loading and delivery.seq >= horizon and delivery.pending == 0:
-                loading = False
-                yield None
-    finally:
-        await consumer.stop()
+
+
+class _Pair:
+    """Two consumers of the same keys, merged in stream order; a lost one is replaced."""
+
+    def __init__(self, js: JetStream, prefix: str, key_pattern: str, first: OrderedConsumer) -> None:
+        self._js, self._prefix, self._pattern = js, prefix, key_pattern
+        self._merged: asyncio.Queue[Delivery | WatchLost] = asyncio.Queue()
+        self._readers: dict[asyncio.Task[None], OrderedConsumer] = {}
+        self._position = 0
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._read(first)
+        self._spare: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Pair:
+        self._spare = asyncio.create_task(self._add_spare())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks = [*self._readers, *([self._spare] if self._spare else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in self._readers.values()), return_exceptions=True)
+
+    def _read(self, consumer: OrderedConsumer) -> None:
+        async def pump() -> None:
+            try:
+                while True:
+                    self._merged.put_nowait(await consumer.next())
+            except WatchLost as exc:
+                self._merged.put_nowait(exc)
+
+        task = asyncio.create_task(pump())
+        self._readers[task] = consumer
+        task.add_done_callback(lambda done: self._ended(done))
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        consumer = self._readers.pop(task, None)
+        if consumer is not None:
+            stopping = asyncio.get_running_loop().create_task(consumer.stop())
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
+
+    async def _add_spare(self) -> None:
+        """Start a consumer from just after what was yielded, retrying until JetStream answers."""
+        pause = _RETRY_MIN
+        for attempt in range(1, 1_000_000):
+            consumer = OrderedConsumer(self._js, self._prefix)
+            try:
+                await consumer.start(self._pattern, "by_start_sequence", self._position + 1)
+            except Exception as exc:
+                await consumer.stop()
+                _log.info("spare watch not started yet", keys=self._pattern, reason=str(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX)
+                continue
+            taken = {c.node for c in self._readers.values()}
+            if consumer.node and consumer.node in taken and attempt < _PLACEMENTS:
+                await consumer.stop()  # on the same server as the other: one node loss would take both
+                continue
+            self._read(consumer)
+            return
+
+    async def next(self, position: int) -> Delivery:
+        """The next delivery after `position` from either consumer; WatchLost when both are lost."""
+        self._position = position
+        while True:
+            item = await self._merged.get()
+            if isinstance(item, WatchLost):
+                if not any(not t.done() for t in self._readers):
+                    raise item
+                _log.info("one of two watches lost; the other goes on", keys=self._pattern, reason=str(item))
+                if self._spare is None or self._spare.done():
+                    self._spare = asyncio.create_task(self._add_spare())
+                continue
+            if item.seq > position:
+                return item
 
 
 async def read(js: JetStream, prefix: str, key_pattern: str, *, history: bool = False) -> list[Delivery]:

@@ -26,13 +26,15 @@ from service.errors import ApiError, Unavailable
 
 ATTEMPT_TIMEOUT = 0.75  # seconds one JetStream request may take before it is tried again
 READ_DEADLINE = 2.0  # a read that JetStream cannot answer is a 503 after this long
-WRITE_DEADLINE = 3.0  # a write is settled (stored, refused, or outcome unknown) within this long
+WRITE_DEADLINE = 3.0  # a write is settled (stored, refused, or outcome unknown) within this long (+0.5 s)
 _RETRY_PAUSE = 0.1
+_LAST_LOOK = 0.5  # seconds for reading back a write that was not acknowledged in time
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 NO_MESSAGE = 10037
 WRONG_LAST_SEQUENCE = 10071
 STREAM_NOT_FOUND = 10059
+DUPLICATE_IN_PROCESS = 10158  # an earlier attempt with this message id is still being committed
 _decode_json = msgspec.json.Decoder().decode
 _encode_json = msgspec.json.Encoder().encode
 _log = log.get("jetstream")
@@ -134,17 +136,17 @@ class JetStream:
         reply: dict[str, Any] = await self.api(f"STREAM.INFO.{self.stream}", {})
         return reply
 
-    async def last(self, subject: str) -> StoredMessage | None:
+    async def last(self, subject: str, deadline: float = READ_DEADLINE) -> StoredMessage | None:
         """The newest message on `subject` (wildcards allowed), from the leader; None when there is none."""
-        return await self._get({"last_by_subj": subject})
+        return await self._get({"last_by_subj": subject}, deadline)
 
     async def at(self, seq: int) -> StoredMessage | None:
         """The message at `seq`, from the leader; None when there is none."""
         return await self._get({"seq": seq})
 
-    async def _get(self, request: dict[str, Any]) -> StoredMessage | None:
+    async def _get(self, request: dict[str, Any], deadline: float = READ_DEADLINE) -> StoredMessage | None:
         try:
-            reply = await self.api(f"STREAM.MSG.GET.{self.stream}", request)
+            reply = await self.api(f"STREAM.MSG.GET.{self.stream}", request, deadline)
         except JetStreamError as exc:
             if exc.err_code == NO_MESSAGE:
                 return None
@@ -198,21 +200,27 @@ class JetStream:
                 failure = JetStreamError(
                     int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
                 )
-                if failure.err_code == WRONG_LAST_SEQUENCE:
+                if failure.err_code == DUPLICATE_IN_PROCESS:
+                    uncertain, reason = True, "the write is still being committed"
+                elif failure.err_code == WRONG_LAST_SEQUENCE:
                     if uncertain:
-                        stored = await self.stored_as(subject, msg_id)
+                        try:
+                            stored = await self.stored_as(subject, msg_id)
+                        except Unavailable:
+                            break  # cannot tell: outcome unknown
                         if stored is not None:
                             return stored
                     raise WrongLastSequence(failure.description)
-                if failure.err_code == STREAM_NOT_FOUND:
+                elif failure.err_code == STREAM_NOT_FOUND:
                     raise BucketMissing("the trigger bucket does not exist")
-                if not _transient(failure):
+                elif _transient(failure):
+                    reason = failure.description
+                else:
                     raise failure
-                reason = failure.description
             await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
         if uncertain:
             with contextlib.suppress(Unavailable):
-                stored = await self.stored_as(subject, msg_id)
+                stored = await self.stored_as(subject, msg_id, _LAST_LOOK)
                 if stored is not None:
                     return stored
             raise OutcomeUnknown(
@@ -220,9 +228,9 @@ class JetStream:
             )
         raise Unavailable(f"the trigger store is not available ({reason}); nothing was stored")
 
-    async def stored_as(self, subject: str, msg_id: str) -> int | None:
+    async def stored_as(self, subject: str, msg_id: str, deadline: float = READ_DEADLINE) -> int | None:
         """The sequence of the newest message on `subject` when it carries `msg_id`, else None."""
-        newest = await self.last(subject)
+        newest = await self.last(subject, deadline)
         if newest is not None and newest.headers.get(MSG_ID) == msg_id:
             return newest.seq
         return None
