@@ -56,8 +56,9 @@ class RouteGraph:
             self._index(key, edge)
         self._edges[key] = (revision, edge)
 
-    def closes_cycle(self, edge: Edge) -> bool:
-        """True when a message carried along `edge` could come back to its tail."""
+    def closes_cycle(self, edge: Edge, before: int | None = None) -> bool:
+        """True when a message carried along `edge` could come back to its tail (through routes
+        stored before revision `before` only, when given)."""
         tail, head = edge
         pending, seen = [head], set()
         while pending:
@@ -66,20 +67,22 @@ class RouteGraph:
                 return True
             if here not in seen:
                 seen.add(here)
-                pending.extend(self._fed_by(here))
+                pending.extend(self._fed_by(here, before))
         return False
 
-    def _fed_by(self, node: Node) -> Iterator[Node]:
+    def _fed_by(self, node: Node, before: int | None) -> Iterator[Node]:
         """The heads of the edges whose tail can match `node`."""
         space, subject = node
         if subjects.is_literal(subject):
             for key in self._literal.get(node, ()):
-                edge = self._edges[key][1]
-                if edge is not None:
+                revision, edge = self._edges[key]
+                if edge is not None and (before is None or revision < before):
                     yield edge[1]
-            edges: Iterable[Edge] = self._wild.values()
+            edges: Iterable[Edge] = (
+                e for k, e in self._wild.items() if before is None or self._edges[k][0] < before
+            )
         else:  # a wildcard destination: any tail may match it
-            edges = (e for _, e in self._edges.values() if e is not None)
+            edges = (e for r, e in self._edges.values() if e is not None and (before is None or r < before))
         for (tail_space, tail), head in edges:
             if tail_space == space and subjects.overlap(subject, tail):
                 yield head

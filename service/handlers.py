@@ -38,15 +38,19 @@ from schemas.triggers import (
 from service import subjects
 from service.auth import Caller
 from service.config import Settings
-from service.errors import BadRequest, Conflict, NotFound, Unauthorized
-from service.graph import RouteGraph, edge_of
-from service.store import TriggerStore, key_of, now_rfc3339, split_key
+from service.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
+from service.follower import Follower
+from service.graph import Edge, RouteGraph, edge_of
+from service.store import Change, TriggerStore, key_of, now_rfc3339, split_key
 
 TRIGGER_TYPES = ("gateway", "stream", "subject")
+FOLLOW_WITHIN = 2.0  # seconds a replica may take to follow the bucket up to a route it stored
 
 
 class Carrier(Protocol):
     """A data plane for stream triggers: makes a stored trigger's route live, or stops it."""
+
+    follower: Follower[Change]  # how far the route graph has followed the bucket
 
     async def check(self, account: str, trigger: StreamTrigger) -> None:
         """Raise a 4xx when this data plane cannot carry the trigger (called before it is stored)."""
@@ -114,20 +118,44 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
         source=req.source,
         target=req.target,
     )
-    if ctx.graph.closes_cycle(edge_of(caller.account, record, ctx.settings.routing == "single")):
-        raise BadRequest(
-            f"route {source!r} -> {destination!r} would close a cycle with existing stream "
-            "triggers - at `$.target`"
-        )
+    edge = edge_of(caller.account, record, ctx.settings.routing == "single")
+    cycle = BadRequest(
+        f"route {source!r} -> {destination!r} would close a cycle with existing stream "
+        "triggers - at `$.target`"
+    )
+    if ctx.graph.closes_cycle(edge):
+        raise cycle
     await ctx.carrier.check(caller.account, record)
     revision = await ctx.store.create(key, record)
     ctx.graph.apply(key, revision, record)
+    await _check_against_earlier(ctx, key, edge, revision, cycle)
     try:
         await ctx.carrier.activate(key, revision, record)
     except BaseException:
         await _delete(ctx, key)  # never leave a stored trigger that does not carry data
         raise
     return StreamTriggerReply(body=record)
+
+
+async def _check_against_earlier(
+    ctx: Context, key: str, edge: Edge, revision: int, cycle: BadRequest
+) -> None:
+    """Check the stored route again against every route stored before it; withdraw it (400) if
+    they would loop.
+
+    Two replicas may check two routes that together close a cycle at the same moment, each
+    before it has seen the other. The bucket orders them: once this replica has followed the
+    bucket up to the new route's own revision, it knows every route stored before it, and the
+    later of the two is the one that loses, on whichever replica it was created.
+    """
+    try:
+        await ctx.carrier.follower.reached(revision, FOLLOW_WITHIN)
+    except Unavailable:
+        await _delete(ctx, key)
+        raise
+    if ctx.graph.closes_cycle(edge, before=revision):
+        await _delete(ctx, key)
+        raise cycle
 
 
 async def create_gateway(ctx: Context, caller: Caller, req: GatewayTriggerRequest) -> GatewayTriggerReply:

@@ -32,7 +32,7 @@ _LAST_LOOK = 0.5  # seconds for reading back a write that was not acknowledged i
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 NO_MESSAGE = 10037
-WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = (10071, 10164)  # "wrong last sequence: N", and without the N
 STREAM_NOT_FOUND = 10059
 DUPLICATE_IN_PROCESS = 10158  # an earlier attempt with this message id is still being committed
 _decode_json = msgspec.json.Decoder().decode
@@ -202,7 +202,7 @@ class JetStream:
                 )
                 if failure.err_code == DUPLICATE_IN_PROCESS:
                     uncertain, reason = True, "the write is still being committed"
-                elif failure.err_code == WRONG_LAST_SEQUENCE:
+                elif failure.err_code in WRONG_LAST_SEQUENCE:
                     if uncertain:
                         try:
                             stored = await self.stored_as(subject, msg_id)

@@ -75,7 +75,8 @@ class SubscriptionCarrier:
         """Connect the data plane and return once every live trigger of the bucket is carried."""
         self._data = await self._connect(self._settings, "trigger-service-routes")
         try:
-            await self._following.enter_async_context(self._store.following(STREAM_KEYS, self._apply))
+            following = self._store.following(STREAM_KEYS, self._apply)
+            self.follower = await self._following.enter_async_context(following)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise

@@ -224,6 +224,7 @@ async def test_every_operation_answers_within_a_bounded_time_without_quorum_and_
                 assert took < ANSWER_WITHIN + 1, (subject, took)
 
             cluster.heal()
+
             # The create answered 503/504 is not there, and the delete answered 504 is completed.
             async def lost_is_gone() -> bool:
                 return (await _settled(nc, f"{PREFIX}.get.stream.{lost}")).status == 404
@@ -237,5 +238,39 @@ async def test_every_operation_answers_within_a_bounded_time_without_quorum_and_
             # 504: the delete is completed; 503: nothing was stored, the trigger is still there.
             await eventually(lambda: kept_is(404 if statuses["delete"] == 504 else 200), timeout=15)
             assert await lost_is_gone()
+    finally:
+        await nc.close()
+
+
+async def test_two_replicas_never_both_accept_the_halves_of_a_cycle(cluster):
+    """A->B and B->A sent at the same moment (each half to whichever replica takes it): one 201,
+    one 400, and the loser leaves nothing live."""
+    nc = await _client(cluster)
+    try:
+        async with _stack(cluster) as (settings, replicas, _url):
+            pairs = [(unique("x"), unique("y")) for _ in range(20)]
+
+            async def both(x: str, y: str) -> list[int]:
+                replies = await asyncio.gather(
+                    request(nc, f"{PREFIX}.create.stream", stream_request(f"{x}-fw", x, y), timeout=10),
+                    request(nc, f"{PREFIX}.create.stream", stream_request(f"{x}-bw", y, x), timeout=10),
+                )
+                return sorted(r.status for r in replies)
+
+            outcomes = await asyncio.gather(*(both(x, y) for x, y in pairs))
+            assert outcomes == [[201, 400]] * len(pairs)
+            store = TriggerStore(nc, settings.bucket)
+            live = {key.split(".", 2)[2] for key, _ in await store.live("acme.stream.*")}
+            for x, _ in pairs:
+                assert len(live & {f"{x}-fw", f"{x}-bw"}) == 1
+
+            def carried_once() -> bool:
+                return all(
+                    sum(_carries(r, key_of("acme", "stream", f"{x}-{d}")) for d in ("fw", "bw")) == 1
+                    for r in replicas
+                    for x, _ in pairs
+                )
+
+            await eventually(carried_once, timeout=FOLLOW_WITHIN)
     finally:
         await nc.close()

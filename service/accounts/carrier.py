@@ -61,7 +61,7 @@ class AccountsCarrier:
         self._system = await SystemAccount.open(self.settings, on_reconnect=self._on_reconnect)
         following = self.store.following(STREAM_KEYS, self._apply, on_ready=self._loaded_all)
         try:
-            await self._following.enter_async_context(following)
+            self.follower = await self._following.enter_async_context(following)
         except BaseException:
             await self.__aexit__()
             raise
