@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -35,6 +37,8 @@ NO_MESSAGE = 10037
 WRONG_LAST_SEQUENCE = (10071, 10164)  # "wrong last sequence: N", and without the N
 STREAM_NOT_FOUND = 10059
 DUPLICATE_IN_PROCESS = 10158  # an earlier attempt with this message id is still being committed
+OPERATION_DEADLINE = 5.0  # every API operation's JetStream calls together end within this long
+_budget: contextvars.ContextVar[float | None] = contextvars.ContextVar("jetstream_budget", default=None)
 _decode_json = msgspec.json.Decoder().decode
 _encode_json = msgspec.json.Encoder().encode
 _log = log.get("jetstream")
@@ -76,6 +80,29 @@ class StoredMessage(msgspec.Struct, frozen=True):
     time: str
 
 
+@contextlib.contextmanager
+def budget(seconds: float = OPERATION_DEADLINE) -> Iterator[None]:
+    """Bound every JetStream call made inside (in this task and the tasks it starts) to `seconds` in all."""
+    token = _budget.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def unbounded() -> contextvars.Context:
+    """A context without a budget, for background work started from inside a request."""
+    context = contextvars.copy_context()
+    context.run(_budget.set, None)
+    return context
+
+
+def _give_up(seconds: float) -> float:
+    own = time.monotonic() + seconds
+    limit = _budget.get()
+    return own if limit is None else min(own, limit)
+
+
 def _transient(error: JetStreamError) -> bool:
     """An error that means "not now" (no leader, no quorum, JetStream busy), not "never"."""
     return error.code in (408, 500, 503) or error.err_code in (10008, 10076, 10077, 10118)
@@ -100,7 +127,7 @@ class JetStream:
     async def api(self, verb: str, request: dict[str, Any], deadline: float = READ_DEADLINE) -> Any:
         """`$JS.API.<verb>`, retried while JetStream cannot answer; Unavailable after `deadline`."""
         payload = _encode_json(request)
-        give_up = time.monotonic() + deadline
+        give_up = _give_up(deadline)
         reason = "JetStream did not answer"
         while True:
             remaining = give_up - time.monotonic()
@@ -175,7 +202,7 @@ class JetStream:
         """
         msg_id = uuid.uuid4().hex
         headers = {MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last)}
-        give_up = time.monotonic() + WRITE_DEADLINE
+        give_up = _give_up(WRITE_DEADLINE)
         uncertain = False  # an attempt may have reached the leader without our hearing back
         reason = "JetStream did not answer"
         while True:

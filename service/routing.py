@@ -20,7 +20,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
 
 from schemas import triggers as t
-from service import handlers, log
+from service import handlers, jetstream, log
 from service.auth import Authenticator, Caller
 from service.errors import ApiError, Internal, invalid
 
@@ -194,7 +194,8 @@ class Api:
             caller = self._auth.authenticate(headers, write=op.write)
             account = caller.account
             payload = decode_request(op, request.subject, request.data)
-            reply = await op.handler(self._ctx, caller, payload)
+            with jetstream.budget():
+                reply = await op.handler(self._ctx, caller, payload)
             status = op.success
             await request.respond(_encode(reply))
         except ApiError as exc:

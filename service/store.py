@@ -31,7 +31,14 @@ from schemas.triggers import Trigger
 from service import log
 from service.errors import Conflict, NotFound, Unavailable
 from service.follower import Delivery, Follower, following, read
-from service.jetstream import WRITE_DEADLINE, BucketMissing, JetStream, OutcomeUnknown, WrongLastSequence
+from service.jetstream import (
+    WRITE_DEADLINE,
+    BucketMissing,
+    JetStream,
+    OutcomeUnknown,
+    WrongLastSequence,
+    unbounded,
+)
 
 HISTORY = 64
 DUPLICATE_WINDOW = 120.0  # seconds: how long JetStream may still commit a write it did not acknowledge
@@ -297,7 +304,7 @@ class TriggerStore:
                 await asyncio.sleep(_SETTLE_PAUSE)
             _log.warning("gave up settling a write", subject=exc.subject, msg_id=exc.msg_id)
 
-        task = asyncio.create_task(settle(), name=f"settle {exc.subject}")
+        task = asyncio.create_task(settle(), name=f"settle {exc.subject}", context=unbounded())
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
