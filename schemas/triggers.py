@@ -114,7 +114,12 @@ class TriggerRef(Request):
 
 
 class StreamTriggerRequest(Request):
-    """Body of `create.stream`."""
+    """Body of `create.stream`.
+
+    Order: with one service replica (or in accounts mode) a route delivers each publisher's
+    messages in the order published; with several replicas in single-account mode each message
+    is carried exactly once, but not in order.
+    """
 
     name: Name
     trigger_type: Literal["stream"]
