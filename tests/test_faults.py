@@ -278,3 +278,26 @@ async def test_two_replicas_never_both_accept_the_halves_of_a_cycle(cluster):
             await eventually(carried_once, timeout=FOLLOW_WITHIN)
     finally:
         await nc.close()
+
+
+async def test_a_stack_started_while_a_node_is_down_serves(cluster):
+    """Start-up with one node of three down (its peers keep a quorum): the replicas and the sidecar
+    start, and a trigger created through them is live."""
+    cluster.kill(2)
+    nc = await _client(cluster)
+    try:
+        async with _stack(cluster) as (_settings, replicas, url), aiohttp.ClientSession() as http:
+            name, path = unique("up"), f"/{unique()}"
+            assert (
+                await _settled(nc, f"{PREFIX}.create.gateway", gateway_request(name, "GET", path))
+            ).status == 201
+            stream = stream_request(name, f"in.{name}", f"out.{name}")
+            assert (await _settled(nc, f"{PREFIX}.create.stream", stream)).status == 201
+            await eventually(lambda: all(_carries(r, key_of("acme", "stream", name)) for r in replicas))
+            await eventually(lambda: _served_not_404(http, url, path), timeout=FOLLOW_WITHIN)
+    finally:
+        await nc.close()
+
+
+async def _served_not_404(http: aiohttp.ClientSession, url: str, path: str) -> bool:
+    return await _served(http, url, path) != 404
