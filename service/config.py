@@ -33,8 +33,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     routing: Literal["single", "accounts"] = "single"
     operator_seed: str | None = None
     system_creds: str | None = None
+    tenants: str = ""  # accounts mode: the accounts stream triggers may route between (comma-separated)
     http_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] = "127.0.0.1:8080"
     request_timeout: Annotated[float, Meta(gt=0, le=600)] = 10.0
+
+    @property
+    def tenant_accounts(self) -> frozenset[str]:
+        """TRIGGER_TENANTS as a set; empty means every account but the service's and the system's."""
+        return frozenset(a.strip() for a in self.tenants.split(",") if a.strip())
 
     @property
     def subject_base(self) -> str:
@@ -57,6 +63,7 @@ ENV_VARS: dict[str, str] = {
     "routing": "TRIGGER_ROUTING",
     "operator_seed": "TRIGGER_OPERATOR_SEED",
     "system_creds": "TRIGGER_SYSTEM_CREDS",
+    "tenants": "TRIGGER_TENANTS",
     "http_addr": "TRIGGER_HTTP_ADDR",
     "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
 }

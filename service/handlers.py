@@ -93,6 +93,17 @@ async def create_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest)
                 "`target.account` other than your own needs accounts mode (TRIGGER_ROUTING=accounts)"
                 " - at `$.target.account`"
             )
+    for where, subject in (
+        ("source.subject", source),
+        ("target.subject", req.target.subject),
+        ("target.local_subject", req.target.local_subject),
+    ):
+        if subject and (namespace := subjects.reserved_namespace(subject, ctx.settings.prefix)):
+            raise BadRequest(
+                f"subject {subject!r} reaches into the reserved namespace {namespace} (the platform's "
+                "own subjects: JetStream, KV, system, inboxes, the Trigger API, anything starting with "
+                f"`$`) - at `$.{where}`"
+            )
     if subjects.wildcards(source) != subjects.wildcards(destination):
         raise BadRequest(
             f"source subject {source!r} and target subject {destination!r} must hold the same sequence "

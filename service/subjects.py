@@ -29,6 +29,22 @@ def overlap(a: str, b: str) -> bool:
     return len(ta) == len(tb)
 
 
+# The platform's own subjects: no route may read from them or write into them.
+RESERVED = ("$JS.>", "$KV.>", "$O.>", "$SYS.>", "$SRV.>", "_INBOX.>")
+
+
+def reserved_namespace(subject: str, api_prefix: str) -> str | None:
+    """The reserved namespace `subject` falls into or can match (a wildcard can reach into one),
+    or None: the JetStream, KV, object store, system and micro APIs, inboxes, the Trigger API, and
+    any subject whose first token starts with `$`."""
+    for namespace in (*RESERVED, f"{api_prefix}.>"):
+        if overlap(subject, namespace):
+            return namespace
+    if tokens(subject)[0].startswith("$"):
+        return "$…"
+    return None
+
+
 def matches(subject: str, pattern: str) -> bool:
     """True when the concrete `subject` matches `pattern`."""
     ts, tp = tokens(subject), tokens(pattern)

@@ -14,9 +14,13 @@ import asyncio
 import collections
 import contextlib
 import functools
+import json
 import random
 import time
 from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
 
 from schemas.triggers import StreamTrigger
 from service import log
@@ -28,6 +32,8 @@ from service.errors import BadRequest, NotFound, Unavailable
 from service.store import Change, Observer, TriggerStore, split_key
 
 STREAM_KEYS = "*.stream.*"
+USER_INFO = "$SYS.REQ.USER.INFO"  # answered by the server for any connection: its user and account
+USER_INFO_WAIT = 2.0
 _ATTEMPTS = 64
 
 _log = log.get("accounts")
@@ -49,6 +55,7 @@ class AccountsCarrier:
         self._stopping = False
         self._reconciling: asyncio.Task[None] | None = None
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.service_account = ""  # the account the service itself connects in (learnt at start)
 
     @property
     def system(self) -> SystemAccount:
@@ -59,6 +66,7 @@ class AccountsCarrier:
 
     async def __aenter__(self) -> AccountsCarrier:
         self._system = await SystemAccount.open(self.settings, on_reconnect=self._on_reconnect)
+        self.service_account = await _own_account(self.store.js.nc)
         following = self.store.following(STREAM_KEYS, self._apply, on_ready=self._loaded_all)
         try:
             self.follower = await self._following.enter_async_context(following)
@@ -79,7 +87,7 @@ class AccountsCarrier:
     # --- the Carrier protocol ----------------------------------------------------------------
 
     async def check(self, account: str, trigger: StreamTrigger) -> None:
-        """Both accounts must be account keys NATS knows, checked before anything is stored."""
+        """Both accounts must be tenant accounts NATS knows, checked before anything is stored."""
         source, target = c.accounts_of(account, trigger)
         self._check_account(source, "the caller's account (token claim `account`)", "$")
         self._check_account(target, "`target.account`", "$.target.account")
@@ -137,6 +145,11 @@ class AccountsCarrier:
             )
         if account == self.system.system_account:
             raise BadRequest(f"{what} may not be the system account - at `{where}`")
+        if account == self.service_account:
+            raise BadRequest(f"{what} may not be the Trigger Service's own account - at `{where}`")
+        allowed = self.settings.tenant_accounts
+        if allowed and account not in allowed:
+            raise BadRequest(f"{what} {account} is not a tenant account (TRIGGER_TENANTS) - at `{where}`")
 
     # --- one account's record: compare-and-set, then push --------------------------------------
 
@@ -274,6 +287,15 @@ class AccountsCarrier:
         except NotFound:
             return False
         return record.created_at == created_at
+
+
+async def _own_account(nc: Client) -> str:
+    """The account of a connection, as the server it is connected to reports it."""
+    try:
+        msg = await nc.request(USER_INFO, b"", timeout=USER_INFO_WAIT)
+        return str(json.loads(msg.data)["data"]["account"])
+    except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        raise Unavailable(f"could not learn the service's own account ({USER_INFO}): {exc}") from None
 
 
 def _dropper(key: str, created_at: str) -> Mutation:
