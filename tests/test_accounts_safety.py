@@ -3,12 +3,14 @@ accounts, and the allowed tenants (issue: accounts mode is safe to hand to tenan
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from nats.aio.client import Client
 
 from service.app import running
+from service.store import Change, key_of
 from tests import test_accounts_mode as accounts
 from tests.support import PREFIX, auth, request, stream_request, token, unique
 
@@ -101,3 +103,70 @@ async def test_only_the_allowed_tenants_can_be_routed_between(
         reply = await accounts.create(a, refused, c)
         assert reply.status == 400, reply.envelope
         assert "TRIGGER_TENANTS" in reply.envelope["error"]
+
+
+async def test_nothing_is_delivered_after_a_delete_under_churn(
+    operator: accounts.Operator, tenants: list[accounts.Tenant]
+):
+    """Twenty concurrent creates, then twenty concurrent deletes, across two replicas: after each
+    delete's 200, no message published on its source reaches its target."""
+    a, b, _ = tenants
+    settings = operator.settings()
+    async with running(settings), running(settings):
+        base = unique("churn")
+        names = [f"r{i}" for i in range(20)]
+        inbox = await accounts.Inbox.on(b.nc, f"{base}.out.>")
+        bodies = [
+            accounts.stream_body(f"{base}-{n}", f"{base}.in.{n}", f"{base}.out.{n}", account=b.key)
+            for n in names
+        ]
+        created = await asyncio.gather(*(accounts.create(a, body, b) for body in bodies))
+        assert [r.status for r in created] == [201] * len(names)
+
+        async def delete_then_publish(n: str) -> None:
+            reply = await accounts.delete(a, f"{base}-{n}")
+            assert reply.status == 200, reply.envelope
+            for i in range(20):
+                await a.nc.publish(f"{base}.in.{n}", f"after-{i}".encode())
+            await a.nc.flush()
+
+        await asyncio.gather(*(delete_then_publish(n) for n in names))
+        # A fresh route, created after every delete, proves the target would have received them.
+        marker = accounts.stream_body(f"{base}-m", f"{base}.in.marker", f"{base}.out.marker", account=b.key)
+        assert (await accounts.create(a, marker, b)).status == 201
+        await a.nc.publish(f"{base}.in.marker", b"marker")
+        await accounts.eventually(lambda: b"marker" in inbox.payloads, timeout=5)
+        # Anything still in flight from a wrongly re-added route has had time to arrive.
+        for _ in range(3):
+            await b.nc.flush()
+            await a.nc.flush()
+        assert inbox.payloads == [b"marker"]
+
+
+async def test_a_late_create_event_after_the_delete_brings_nothing_back(
+    service: Any, tenants: list[accounts.Tenant]
+):
+    """A follower that sees a trigger's create only after its delete was answered (a lagging
+    watch) must not put the pair back: the data plane follows the key's newest revision."""
+    a, b, _ = tenants
+    base = unique("late")
+    inbox = await accounts.Inbox.on(b.nc, f"{base}.out")
+    body = accounts.stream_body(f"{base}-t", f"{base}.in", f"{base}.out", account=b.key)
+    created = await accounts.create(a, body, b)
+    assert created.status == 201
+    key = key_of(a.key, "stream", f"{base}-t")
+    record, revision = await service._ctx.store.get(key)
+    assert (await accounts.delete(a, f"{base}-t")).status == 200
+
+    carrier = service._ctx.carrier
+    carrier._loaded = True
+    await carrier._apply(Change(key, revision, record))  # the stale event, delivered late
+    carrier._known.pop(key, None)
+    await carrier._ensure(key, record, always_push=True)  # a replica's late reconciliation of it
+
+    marker = accounts.stream_body(f"{base}-m", f"{base}.in2", f"{base}.out", account=b.key)
+    assert (await accounts.create(a, marker, b)).status == 201
+    await a.nc.publish(f"{base}.in", b"after-delete")
+    await a.nc.publish(f"{base}.in2", b"marker")
+    await accounts.eventually(lambda: b"marker" in inbox.payloads, timeout=5)
+    assert inbox.payloads == [b"marker"]

@@ -126,7 +126,8 @@ class AccountsCarrier:
         except Exception:
             for account in reversed(touched):  # leave no half pair behind, the import first
                 try:
-                    await self._update(account, _dropper(key, trigger.created_at), False, create=False)
+                    rollback = _dropper(key, trigger.created_at, remember=False)
+                    await self._update(account, rollback, False, create=False)
                 except Exception:
                     _log.exception("could not roll back a half pair", key=key, account=account)
             raise
@@ -236,7 +237,8 @@ class AccountsCarrier:
         try:
             if isinstance(record, StreamTrigger):
                 self._known[key] = record
-                if self._loaded:
+                # Decided from the key's newest revision, not from this (maybe late) event.
+                if self._loaded and await self._is_live(key, record.created_at):
                     if previous is not None and previous.created_at != record.created_at:
                         await self._remove(key, previous, always_push=False)
                     await self._ensure(key, record, always_push=False)
@@ -298,8 +300,12 @@ async def _own_account(nc: Client) -> str:
         raise Unavailable(f"could not learn the service's own account ({USER_INFO}): {exc}") from None
 
 
-def _dropper(key: str, created_at: str) -> Mutation:
-    return lambda r: r.drop("imports", key, created_at) | r.drop("exports", key, created_at)
+def _dropper(key: str, created_at: str, *, remember: bool = True) -> Mutation:
+    def drop(record: c.AccountRecord) -> bool:
+        imports = record.drop("imports", key, created_at, remember=remember)
+        return record.drop("exports", key, created_at, remember=remember) | imports
+
+    return drop
 
 
 def _drop_all(record: c.AccountRecord, stale: set[tuple[str, str, str]]) -> bool:

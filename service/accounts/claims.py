@@ -39,24 +39,37 @@ class AccountRecord(msgspec.Struct, kw_only=True):
     base: dict[str, Any]
     exports: dict[str, Entry] = msgspec.field(default_factory=dict)
     imports: dict[str, Entry] = msgspec.field(default_factory=dict)
+    # key -> `created_at` of the newest incarnation removed: a late event of a deleted trigger
+    # (a lagging follower) can never put its entry back, whatever order the writes arrive in.
+    removed: dict[str, str] = msgspec.field(default_factory=dict)
     iat: int = 0
     jwt: str = ""
 
     def put(self, kind: str, key: str, entry: Entry) -> bool:
-        """Set the `kind` ("exports" or "imports") entry of a trigger; True when that changed anything."""
+        """Set the `kind` ("exports" or "imports") entry of a trigger; True when that changed anything.
+
+        An incarnation that was removed (or is older than one removed) is never put back.
+        """
+        if self.removed.get(key, "") >= entry.created_at:
+            return False
         entries: dict[str, Entry] = getattr(self, kind)
         if entries.get(key) == entry:
             return False
         entries[key] = entry
         return True
 
-    def drop(self, kind: str, key: str, created_at: str) -> bool:
-        """Remove a trigger's entry if it belongs to that incarnation; True when it did."""
+    def drop(self, kind: str, key: str, created_at: str, *, remember: bool = True) -> bool:
+        """Remove a trigger's entry if it belongs to that incarnation and, with `remember` (the
+        trigger is gone, not merely rolled back), never let it back; True when anything changed."""
+        changed = False
+        if remember and self.removed.get(key, "") < created_at:
+            self.removed[key] = created_at
+            changed = True
         entries: dict[str, Entry] = getattr(self, kind)
-        if key in entries and entries[key].created_at == created_at:
+        if key in entries and entries[key].created_at <= created_at:
             del entries[key]
-            return True
-        return False
+            changed = True
+        return changed
 
 
 encode_record = msgspec.json.Encoder().encode
