@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +246,10 @@ class NatsCluster:
         name: str = "trigger-test",
         root: str | Path | None = None,
         extra_args: Sequence[str] = (),
+        config: Callable[[int, Path], Path] | None = None,
     ) -> None:
         self.size = size
+        self.config = config  # node index, store dir -> a config file for the node (e.g. operator mode)
         self.name = name
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="nats-cluster-"))
@@ -311,7 +313,8 @@ class NatsCluster:
             "-1",
             *self.extra_args,
         ]
-        return NatsServer(store_dir=store, extra_args=args)
+        config = self.config(i, store) if self.config is not None else None
+        return NatsServer(config=config, store_dir=store, extra_args=args)
 
     def stop(self) -> None:
         """Stop every node (and remove the root directory when it made one)."""

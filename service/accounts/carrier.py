@@ -34,6 +34,7 @@ from service.store import Change, Observer, TriggerStore, split_key
 STREAM_KEYS = "*.stream.*"
 USER_INFO = "$SYS.REQ.USER.INFO"  # answered by the server for any connection: its user and account
 USER_INFO_WAIT = 2.0
+MEMBERSHIP_INTERVAL = 0.5  # seconds between looks at which servers are up
 _ATTEMPTS = 64
 
 _log = log.get("accounts")
@@ -54,6 +55,7 @@ class AccountsCarrier:
         self._loaded = False  # the start-up reconciliation is done: changes are carried as they come
         self._stopping = False
         self._reconciling: asyncio.Task[None] | None = None
+        self._membership: asyncio.Task[None] | None = None
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.service_account = ""  # the account the service itself connects in (learnt at start)
 
@@ -73,10 +75,15 @@ class AccountsCarrier:
         except BaseException:
             await self.__aexit__()
             raise
+        self._membership = asyncio.create_task(self._watch_members(), name="accounts-membership")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
+        if self._membership is not None:
+            self._membership.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._membership
         await self._following.aclose()
         if self._reconciling is not None:
             self._reconciling.cancel()
@@ -189,7 +196,7 @@ class AccountsCarrier:
 
     async def _exists(self, account: str) -> bool:
         raw, _ = await self.store.get_raw(c.record_key(account))
-        return bool(raw) or await self.system.lookup(account) is not None
+        return bool(raw) or await self.system.knows(account)
 
     async def _adopt(self, account: str) -> c.AccountRecord:
         """A new record for an account, from the JWT the servers hold for it now."""
@@ -274,6 +281,10 @@ class AccountsCarrier:
                 await self._ensure(key, trigger, always_push=False)
             except Exception as exc:
                 _log.warning("live trigger could not be carried", key=key, error=str(exc))
+        await self._push_all()
+
+    async def _push_all(self) -> None:
+        """Push every account's latest JWT again (to servers that missed pushes while away)."""
         for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
             raw, revision = await self.store.get_raw(record_key)
             if raw:
@@ -281,6 +292,25 @@ class AccountsCarrier:
                     await self._push_latest(record_key, c.decode_record(raw).jwt, revision)
                 except Exception as exc:
                     _log.warning("could not re-push an account JWT", key=record_key, error=str(exc))
+
+    async def _watch_members(self) -> None:
+        """Bring a server that (re)joined the cluster up to date within MEMBERSHIP_INTERVAL or so.
+
+        A restarted nats-server has a new server id; it holds the JWTs it had, or its preloaded
+        ones, until the full resolver's own sync (minutes), so a route deleted meanwhile would
+        still carry data there.
+        """
+        seen: set[str] = set()
+        while True:
+            try:
+                members = set(await self.system.members())
+                if seen and members - seen:
+                    _log.info("a server joined; pushing every account JWT again", servers=len(members))
+                    await self._push_all()
+                seen = members
+            except Exception as exc:
+                _log.warning("could not check the cluster's servers", error=str(exc))
+            await asyncio.sleep(MEMBERSHIP_INTERVAL)
 
     async def _is_live(self, key: str, created_at: str) -> bool:
         """True when the bucket holds that incarnation of the trigger, live (not what this replica saw)."""

@@ -18,10 +18,15 @@ from service.errors import ApiError, BadRequest, Internal, Unavailable
 
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 CLAIMS_LOOKUP = "$SYS.REQ.ACCOUNT.{}.CLAIMS.LOOKUP"
+CLAIMS_LIST = "$SYS.REQ.CLAIMS.LIST"  # a full resolver's every account key
 VARZ = "$SYS.REQ.SERVER.PING.VARZ"
 PING = "$SYS.REQ.SERVER.PING"
 REPLY_WINDOW = 2.0  # seconds to wait for every server of a cluster to answer
 LOOKUP_WAIT = 0.5  # seconds to wait for a server that knows the account
+PUSH_ATTEMPTS = 3
+# Seconds to wait for every server up to answer a PING: the servers may still count one that just
+# died as active, and a membership check must not wait a whole REPLY_WINDOW for it.
+MEMBERS_WINDOW = 0.5
 
 _log = log.get("accounts")
 
@@ -40,6 +45,7 @@ class SystemAccount:
         self.trusted: frozenset[str] = frozenset()
         self.system_account = ""
         self.servers = 1
+        self._accounts: frozenset[str] = frozenset()  # accounts the servers were last seen to know
 
     @classmethod
     async def open(
@@ -58,6 +64,12 @@ class SystemAccount:
             if on_reconnect is not None:
                 await on_reconnect()
 
+        async def failed(exc: Exception) -> None:
+            _log.warning("system-account connection error; retrying", error=str(exc) or repr(exc))
+
+        async def disconnected() -> None:
+            _log.warning("system-account connection lost; reconnecting")
+
         nc = await nats.connect(
             servers=settings.nats_url.split(","),
             name="trigger-service-system",
@@ -66,6 +78,8 @@ class SystemAccount:
             reconnect_time_wait=0.5,
             connect_timeout=5,
             reconnected_cb=reconnected,
+            error_cb=failed,
+            disconnected_cb=disconnected,
         )
         self = cls(nc, signer)
         try:
@@ -101,6 +115,19 @@ class SystemAccount:
         """An account JWT of `claims`, signed with the operator's signing key."""
         return jwt.encode(claims, self.signer)
 
+    async def knows(self, account: str) -> bool:
+        """True when the servers hold a JWT for `account` (their account list, asked again on a miss)."""
+        if account in self._accounts:
+            return True
+        replies = await self._gather(CLAIMS_LIST, b"", expected=self.servers)
+        if not replies:
+            raise Unavailable("NATS did not answer the account list")
+        known: set[str] = set()
+        for reply in replies:
+            known.update(reply.get("data") or [])
+        self._accounts = frozenset(known)
+        return account in self._accounts
+
     async def lookup(self, account: str) -> str | None:
         """The account's current JWT as the servers hold it; None when they know no such account."""
         try:
@@ -128,32 +155,52 @@ class SystemAccount:
             _log.error("refused to push an account JWT", reason=str(exc))
             raise Internal("refused to push an account JWT the trusted operator did not sign") from None
         account = claims.get("sub")
-        replies = await self._gather(CLAIMS_UPDATE, token.encode(), expected=self.servers)
-        if not replies:
-            raise Unavailable(f"no NATS server acknowledged the update of account {account}")
-        errors = [r["error"] for r in replies if r.get("error")]
-        if errors:
-            _log.error("NATS refused an account JWT", account=account, errors=errors)
-            raise _refusal(errors[0])
-        if len(replies) < self.servers:
+        for _ in range(PUSH_ATTEMPTS):
+            members = len(await self.members()) or 1  # the cluster as it is now, not as it was
+            replies = await self._gather(CLAIMS_UPDATE, token.encode(), expected=members)
+            errors = [r["error"] for r in replies if r.get("error")]
+            if errors:
+                _log.error("NATS refused an account JWT", account=account, errors=errors)
+                raise _refusal(errors[0])
+            if len(replies) >= members:
+                self.servers = members
+                return
             _log.warning(
-                "fewer servers acknowledged than expected",
+                "fewer servers acknowledged an account JWT than are up; pushing again",
                 account=account,
-                expected=self.servers,
+                up=members,
                 acknowledged=len(replies),
             )
-            self.servers = len(replies)
+        raise Unavailable(f"not every NATS server acknowledged the update of account {account}")
 
-    async def _gather(self, subject: str, data: bytes, expected: int | None) -> list[dict[str, Any]]:
-        """Replies to one request from every server: until `expected` came, or the window closed."""
+    async def members(self) -> dict[str, str]:
+        """The servers up now, id -> name (the first answer says how many servers are active)."""
+        replies = await self._gather(PING, b"", expected=_active_servers, window=MEMBERS_WINDOW)
+        return {
+            str(r["server"]["id"]): str(r["server"].get("name", ""))
+            for r in replies
+            if isinstance(r.get("server"), dict) and "id" in r["server"]
+        }
+
+    async def _gather(
+        self,
+        subject: str,
+        data: bytes,
+        expected: int | Callable[[dict[str, Any]], int] | None,
+        window: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Replies to one request from every server: until `expected` came (a number, or one the
+        first reply tells), or the window closed."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         replies: list[dict[str, Any]] = []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.window
+        deadline = loop.time() + (self.window if window is None else window)
+        count = expected if isinstance(expected, int) else None
+        sizer = expected if callable(expected) else _cluster_size
         try:
             await self.nc.publish(subject, data, reply=inbox)
-            while expected is None or len(replies) < expected:
+            while count is None or len(replies) < count:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -165,8 +212,8 @@ class SystemAccount:
                     replies.append(json.loads(msg.data))
                 except ValueError:
                     replies.append({"error": {"description": "reply is not JSON"}})
-                if expected is None:  # discovery: the first reply says how many servers to expect
-                    expected = _cluster_size(replies[0])
+                if count is None:  # the first reply says how many servers to expect
+                    count = sizer(replies[0])
         finally:
             await sub.unsubscribe()
         return replies
@@ -174,6 +221,10 @@ class SystemAccount:
     async def close(self) -> None:
         """Close the system-account connection."""
         await self.nc.close()
+
+
+def _active_servers(ping_reply: dict[str, Any]) -> int:
+    return int((ping_reply.get("statsz") or {}).get("active_servers") or 1)
 
 
 def _cluster_size(varz_reply: dict[str, Any]) -> int:
