@@ -189,3 +189,74 @@ async def test_an_unknown_target_account_is_a_quick_400(service: Any, tenants: l
     assert reply.status == 400, reply.envelope
     assert "$.target.account" in reply.envelope["error"]
     assert took < 0.25  # the issue asks for 50 ms; a loaded CI machine gets some room
+
+
+async def _edit_like_nsc(operator: accounts.Operator, system_nc: Client, account: str, edit: Any) -> None:
+    """Change an account's live JWT the way an operator does with nsc: read it, edit, sign, push."""
+    msg = await system_nc.request(f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP", b"", timeout=5)
+    claims = accounts.jwt.decode(msg.data.decode())
+    edit(claims["nats"])
+    claims["iat"] = int(claims.get("iat", 0)) + 1
+    claims.pop("jti", None)
+    await accounts.push(
+        system_nc, accounts.jwt.encode(claims, accounts.jwt.read_seed(operator.dev.signing_seed))
+    )
+
+
+async def test_revocations_and_foreign_claims_made_with_nsc_survive_trigger_changes_and_restarts(
+    operator: accounts.Operator, system_nc: Client, tenants: list[accounts.Tenant]
+):
+    a, b, _ = tenants
+    revoked = accounts.jwt.public_key(accounts.jwt.new_key("user"))
+    foreign = {"subject": f"theirs.{unique()}", "type": "stream"}
+
+    def nsc_edit(nats: dict[str, Any]) -> None:
+        nats["revocations"] = {revoked: 1_700_000_000}
+        nats.setdefault("exports", []).append(foreign)
+        nats["limits"]["conn"] = 42
+
+    settings = operator.settings()
+    async with running(settings):
+        first = accounts.stream_body(unique(), f"one.{unique()}", f"out.{unique()}", account=b.key)
+        assert (await accounts.create(a, first, b)).status == 201
+        await _edit_like_nsc(operator, system_nc, a.key, nsc_edit)
+        second = accounts.stream_body(unique(), f"two.{unique()}", f"out.{unique()}", account=b.key)
+        assert (await accounts.create(a, second, b)).status == 201
+        claims = await accounts.current_claims(system_nc, a.key)
+        assert claims["revocations"] == {revoked: 1_700_000_000}
+        assert foreign in claims["exports"]
+        assert claims["limits"]["conn"] == 42
+        assert {first["source"]["subject"], second["source"]["subject"]} <= {
+            e["subject"] for e in claims["exports"]
+        }
+        assert (await accounts.delete(a, first["name"])).status == 200
+    async with running(settings):  # a restart re-pushes what the triggers need, and nothing else changes
+        claims = await accounts.current_claims(system_nc, a.key)
+        assert claims["revocations"] == {revoked: 1_700_000_000}
+        assert foreign in claims["exports"]
+        subjects = {e["subject"] for e in claims["exports"]}
+        assert second["source"]["subject"] in subjects
+        assert first["source"]["subject"] not in subjects
+
+
+async def test_an_import_removed_outside_the_service_is_put_back_within_seconds(
+    operator: accounts.Operator, system_nc: Client, service: Any, tenants: list[accounts.Tenant]
+):
+    a, b, _ = tenants
+    base = unique("drift")
+    body = accounts.stream_body(f"{base}-t", f"{base}.in", f"{base}.out", account=b.key)
+    assert (await accounts.create(a, body, b)).status == 201
+
+    def remove_import(nats: dict[str, Any]) -> None:
+        nats["imports"] = [i for i in nats.get("imports") or [] if i.get("subject") != f"{base}.in"]
+
+    await _edit_like_nsc(operator, system_nc, b.key, remove_import)
+    assert f"{base}.in" not in {
+        i["subject"] for i in (await accounts.current_claims(system_nc, b.key)).get("imports", [])
+    }
+
+    async def repaired() -> bool:
+        imports = (await accounts.current_claims(system_nc, b.key)).get("imports") or []
+        return f"{base}.in" in {i["subject"] for i in imports}
+
+    await accounts.eventually(repaired, timeout=6)

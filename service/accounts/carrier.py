@@ -18,6 +18,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -35,6 +36,7 @@ STREAM_KEYS = "*.stream.*"
 USER_INFO = "$SYS.REQ.USER.INFO"  # answered by the server for any connection: its user and account
 USER_INFO_WAIT = 2.0
 MEMBERSHIP_INTERVAL = 0.5  # seconds between looks at which servers are up
+DRIFT_INTERVAL = 2.0  # seconds between comparisons of the accounts' live JWTs with their triggers
 _ATTEMPTS = 64
 
 _log = log.get("accounts")
@@ -55,7 +57,7 @@ class AccountsCarrier:
         self._loaded = False  # the start-up reconciliation is done: changes are carried as they come
         self._stopping = False
         self._reconciling: asyncio.Task[None] | None = None
-        self._membership: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.service_account = ""  # the account the service itself connects in (learnt at start)
 
@@ -75,15 +77,17 @@ class AccountsCarrier:
         except BaseException:
             await self.__aexit__()
             raise
-        self._membership = asyncio.create_task(self._watch_members(), name="accounts-membership")
+        self._watchers = [
+            asyncio.create_task(self._watch_members(), name="accounts-membership"),
+            asyncio.create_task(self._watch_drift(), name="accounts-drift"),
+        ]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
-        if self._membership is not None:
-            self._membership.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._membership
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await self._following.aclose()
         if self._reconciling is not None:
             self._reconciling.cancel()
@@ -176,17 +180,37 @@ class AccountsCarrier:
     async def _update_locked(
         self, account: str, key: str, mutate: Mutation, always_push: bool, create: bool
     ) -> None:
+        """Change the service's own exports and imports in the account's JWT as the servers hold
+        it now: everything else in it (made with nsc, say) is kept exactly."""
         for attempt in range(_ATTEMPTS):
             raw, revision = await self.store.get_raw(key)
             if not raw and not create:
                 return
-            record = c.decode_record(raw) if raw else await self._adopt(account)
-            if not mutate(record):
-                if always_push and record.jwt:
-                    await self._push_latest(key, record.jwt, revision)
-                return
-            record.iat = max(int(time.time()), record.iat + 1)  # servers keep the newest iat in sync
-            record.jwt = self.system.sign(c.compose(record))
+            record = c.decode_record(raw) if raw else c.AccountRecord(account=account, base={})
+            before = c.owned_claims(record)
+            changed = mutate(record)
+            token = await self.system.lookup(account)
+            if token is None:
+                if create:
+                    raise BadRequest(f"NATS knows no account {account}")
+                live: dict[str, Any] = {"sub": account, "nats": {}}
+            else:
+                live = jwt.decode(token)
+            record.base = c.others_of(live, before, c.owned_claims(record))
+            desired = c.compose(record)
+            if not changed:
+                if c.same(desired, live):
+                    return  # the servers hold what the triggers need
+                drift = c.missing(live, record)
+                if drift:
+                    _log.warning(
+                        "account JWT drifted from its triggers; repairing", account=account, missing=drift
+                    )
+                elif not always_push:
+                    return
+            record.iat = max(int(time.time()), record.iat + 1, int(live.get("iat", 0)) + 1)
+            desired["iat"] = record.iat
+            record.jwt = self.system.sign(desired)
             written = await self.store.put_raw(key, c.encode_record(record), revision)
             if written is not None:
                 await self._push_latest(key, record.jwt, written)
@@ -197,14 +221,6 @@ class AccountsCarrier:
     async def _exists(self, account: str) -> bool:
         raw, _ = await self.store.get_raw(c.record_key(account))
         return bool(raw) or await self.system.knows(account)
-
-    async def _adopt(self, account: str) -> c.AccountRecord:
-        """A new record for an account, from the JWT the servers hold for it now."""
-        token = await self.system.lookup(account)
-        if token is None:
-            raise BadRequest(f"NATS knows no account {account}")
-        claims = jwt.decode(token)
-        return c.AccountRecord(account=account, base=c.base_of(claims), iat=int(claims.get("iat", 0)))
 
     async def _push_latest(self, key: str, token: str, revision: int) -> None:
         """Push `token`, then whatever newer JWT the record got meanwhile, until it holds still."""
@@ -293,6 +309,18 @@ class AccountsCarrier:
                 except Exception as exc:
                     _log.warning("could not re-push an account JWT", key=record_key, error=str(exc))
 
+    async def _watch_drift(self) -> None:
+        """Every DRIFT_INTERVAL, compare each account's live JWT with what its triggers need:
+        an export or import of a live trigger removed elsewhere is logged and put back."""
+        while True:
+            await asyncio.sleep(DRIFT_INTERVAL)
+            try:
+                for record_key in await self.store.raw_keys(c.RECORD_PREFIX + "*"):
+                    account = record_key[len(c.RECORD_PREFIX) :]
+                    await self._update(account, _unchanged, False, create=False)
+            except Exception as exc:
+                _log.warning("could not compare the accounts' JWTs with their triggers", error=str(exc))
+
     async def _watch_members(self) -> None:
         """Bring a server that (re)joined the cluster up to date within MEMBERSHIP_INTERVAL or so.
 
@@ -328,6 +356,10 @@ async def _own_account(nc: Client) -> str:
         return str(json.loads(msg.data)["data"]["account"])
     except (nats.errors.Error, TimeoutError, ValueError, KeyError, TypeError) as exc:
         raise Unavailable(f"could not learn the service's own account ({USER_INFO}): {exc}") from None
+
+
+def _unchanged(record: c.AccountRecord) -> bool:
+    return False
 
 
 def _dropper(key: str, created_at: str, *, remember: bool = True) -> Mutation:

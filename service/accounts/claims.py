@@ -81,6 +81,50 @@ def base_of(claims: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in claims.items() if k not in ("jti", "iat", "iss")}
 
 
+def owned_claims(record: AccountRecord) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The exports and imports the service's triggers put into the account's JWT."""
+    return [e.claim for e in record.exports.values()], [e.claim for e in record.imports.values()]
+
+
+def others_of(
+    live: dict[str, Any], *owned: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The account's live claims without the exports and imports the service owns (now or before):
+    everything someone else put there (nsc's revocations, limits, signing keys, their own
+    exports and imports) is kept exactly."""
+    claims = copy.deepcopy(base_of(live))
+    nats = claims.setdefault("nats", {})
+    for field, index in (("exports", 0), ("imports", 1)):
+        ours = [o[index] for o in owned]
+        kept = [v for v in nats.get(field) or [] if not any(v in mine for mine in ours)]
+        if kept:
+            nats[field] = kept
+        else:
+            nats.pop(field, None)
+    return claims
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when two account claims differ in nothing but what every signing sets anew."""
+    return base_of(a) == base_of(b)
+
+
+def missing(live: dict[str, Any], record: AccountRecord) -> list[str]:
+    """The subjects of owned exports and imports the live claims lack (drift)."""
+    nats = live.get("nats") or {}
+    exports, imports = owned_claims(record)
+    gone = [
+        e
+        for e in exports
+        if not any(
+            contains(x.get("subject", ""), e["subject"]) and x.get("type") == e.get("type")
+            for x in nats.get("exports") or []
+        )
+    ]
+    gone += [i for i in imports if i not in (nats.get("imports") or [])]
+    return [str(claim.get("subject")) for claim in gone]
+
+
 def accounts_of(source_account: str, trigger: StreamTrigger) -> tuple[str, str]:
     """(source account, target account) of a trigger stored under `source_account`."""
     return source_account, trigger.target.account or source_account
