@@ -53,7 +53,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
 def _errors_of(op: Operation) -> list[int]:
     """The error statuses an operation can answer."""
     codes = [400, 401, 413, 500, 503, 504]
-    if op.from_subject:  # it names one trigger, which may not exist
+    if op.names_trigger:  # it names one trigger, which may not exist
         codes.append(404)
     if op.success == 201:  # it creates, and names must be unique
         codes.append(409)
@@ -69,7 +69,8 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
     queries = {op.request for op in operations if not op.from_subject and op.http_method == "GET"}
     types: set[type[msgspec.Struct]] = {*bodies, *queries, t.TriggerRef, t.ErrorReply, HealthReply}
     types.update(op.reply for op in operations)
-    _, schemas = msgspec.json.schema_components(sorted(types, key=_ref), ref_template=_REF)
+    _, components = msgspec.json.schema_components(sorted(types, key=_ref), ref_template=_REF)
+    schemas: dict[str, Any] = _ecma(components)
     # Path and query parameters are described one by one, not as a schema of their own.
     ref_fields = schemas.pop(t.TriggerRef.__name__)["properties"]
     query_schemas = {cls: schemas.pop(cls.__name__) for cls in queries}
@@ -144,6 +145,18 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
         },
         "security": [{"bearerAuth": []}],
     }
+
+
+def _ecma(node: Any) -> Any:
+    """`node` with every `pattern` as JSON Schema (ECMA 262) reads it (see `triggers.ecma_pattern`)."""
+    if isinstance(node, dict):
+        return {
+            key: t.ecma_pattern(value) if key == "pattern" and isinstance(value, str) else _ecma(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_ecma(value) for value in node]
+    return node
 
 
 def _ref(cls: type) -> str:

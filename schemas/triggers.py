@@ -15,24 +15,63 @@ from msgspec import Meta
 
 # --- constraints -----------------------------------------------------------------------------
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+# Every pattern matches the whole string: msgspec checks a pattern with `re.search`, under which
+# `^...$` also accepts a trailing newline, so they are anchored with `\A` and `\Z` (the OpenAPI
+# document carries them as ECMA `^...$`, which is whole-string there: see `ecma_pattern`).
+# Characters no subject, path or token may hold, as explicit ranges rather than `\s`, so Python and
+# the JSON Schema (ECMA) reading of the published document agree: C0 and C1 control characters,
+# DEL, every Unicode space and line or paragraph separator (Python's and ECMA's whitespace), and the
+# invisible formatting characters (zero-width, bidirectional controls, BOM).
+_UNSAFE = (
+    r"\x00-\x20\x7f-\xa0\xad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f"
+    r"\u3000\ufeff"
+)
+_UNSAFE_CHAR = re.compile(f"[{_UNSAFE}]")
+_TOKEN = rf"[^{_UNSAFE}.*>]+"
+NAME_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z"
 # A NATS subject: dot-separated non-empty tokens without whitespace or control characters; `*` and
-# `>` only as whole tokens, `>` only as the last one. Explicit character classes rather than `\s`,
-# so Python and the JSON Schema (ECMA) reading of the published document agree.
-SUBJECT_PATTERN = r"^(?:(?:\*|[^\x00-\x20\x7f.*>]+)\.)*(?:\*|>|[^\x00-\x20\x7f.*>]+)$"
-PATH_PATTERN = r"^/[^\x00-\x20\x7f?#]*$"
-VERSION_PATTERN = r"^[A-Za-z0-9_-]+$"
-ACCOUNT_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# `>` only as whole tokens, `>` only as the last one.
+SUBJECT_PATTERN = rf"\A(?:(?:\*|{_TOKEN})\.)*(?:\*|>|{_TOKEN})\Z"
+PATH_PATTERN = rf"\A/[^{_UNSAFE}?#]*\Z"
+VERSION_PATTERN = r"\A[A-Za-z0-9_-]{1,64}\Z"
+ACCOUNT_PATTERN = r"\A[A-Za-z0-9_-]{1,128}\Z"
+CURSOR_PATTERN = r"\A[A-Za-z0-9_-]{1,1024}\Z"  # URL-safe base64 without padding, as list returns it
+# Limits of the fields that take any JSON value (accepted and ignored): a RecursionError or a
+# megabyte of JSON must never get further than a 400.
+MAX_JSON_DEPTH = 32
+MAX_JSON_BYTES = 16_384
 
 # Human wording of each pattern, so a 400 says the rule rather than a regex.
 PATTERN_RULES: dict[str, str] = {
     NAME_PATTERN: "1-128 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
-    SUBJECT_PATTERN: "a valid NATS subject (non-empty dot-separated tokens, no whitespace, "
-    "'*' and '>' only as whole tokens, '>' only last)",
-    PATH_PATTERN: "a path starting with '/', without query, fragment or whitespace",
+    SUBJECT_PATTERN: "a valid NATS subject (non-empty dot-separated tokens, no whitespace or control "
+    "characters, '*' and '>' only as whole tokens, '>' only last)",
+    PATH_PATTERN: "a path starting with '/', without query, fragment, whitespace or control characters",
     VERSION_PATTERN: "a single subject token of A-Z a-z 0-9 _ -",
     ACCOUNT_PATTERN: "1-128 characters of A-Z a-z 0-9 _ -",
+    CURSOR_PATTERN: "a `next_cursor` that a previous page returned",
 }
+
+
+def ecma_pattern(pattern: str) -> str:
+    """`pattern` as JSON Schema (ECMA 262) reads it: `^` and `$` for the anchors (whole-string there)."""
+    if pattern.startswith(r"\A") and pattern.endswith(r"\Z"):
+        return f"^{pattern[2:-2]}$"
+    return pattern
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply lists and dicts nest in `value` (a scalar is 0), counted up to `limit + 1`."""
+    deepest, stack = 0, [(value, 0)]
+    while stack and deepest <= limit:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
 
 Name = Annotated[
     str,
@@ -90,8 +129,10 @@ class TriggerSource(Request):
     def __post_init__(self) -> None:
         if self.info_url is not None:
             parts = urlsplit(self.info_url)
-            if not (parts.scheme in ("http", "https") and parts.netloc) or re.search(r"\s", self.info_url):
-                raise ValueError("`info_url` must be an absolute http(s) URL")
+            if not (parts.scheme in ("http", "https") and parts.netloc) or _UNSAFE_CHAR.search(self.info_url):
+                raise ValueError(
+                    "`info_url` must be an absolute http(s) URL, without whitespace or control characters"
+                )
 
 
 class TriggerTarget(Request):
@@ -172,6 +213,20 @@ class GatewayMapping(Request):
                 raise ValueError(f"`traffic_distribution` percentages must sum to 100, not {total}")
 
 
+def _check_any(field: str, value: Any) -> None:
+    """Hold a field that takes any JSON to MAX_JSON_DEPTH levels and MAX_JSON_BYTES bytes."""
+    if value is None:
+        return
+    if json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"JSON nested deeper than {MAX_JSON_DEPTH} levels (the limit) - at `$.gateway_mapping.{field}`"
+        )
+    if len(msgspec.json.encode(value)) > MAX_JSON_BYTES:
+        raise ValueError(
+            f"JSON longer than {MAX_JSON_BYTES} bytes (the limit) - at `$.gateway_mapping.{field}`"
+        )
+
+
 class GatewayTriggerRequest(Request):
     """Body of `create.gateway`."""
 
@@ -180,6 +235,13 @@ class GatewayTriggerRequest(Request):
     gateway_mapping: GatewayMapping
     collection: Text | None = None
     description: Text | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here rather than in GatewayMapping, so the message names the field itself: msgspec
+        # adds the path of a nested Struct (`$.gateway_mapping`) to what its __post_init__ raises.
+        mapping = self.gateway_mapping
+        for field in ("subject", "gateway", "error"):
+            _check_any(field, getattr(mapping, field))
 
 
 class StoredGatewayMapping(Base):
@@ -196,12 +258,56 @@ class StoredGatewayMapping(Base):
 # --- list query ------------------------------------------------------------------------------
 
 
+Cursor = Annotated[
+    str,
+    Meta(
+        pattern=CURSOR_PATTERN,
+        max_length=1024,
+        description="The `next_cursor` of the previous page, passed back unchanged to get the next one.",
+    ),
+]
+NextCursor = Annotated[
+    str, Meta(description="Present when more follow this page: pass it back as `cursor` for the next one.")
+]
+
+
 class ListQuery(Request):
     """Payload of `list`: the HTTP query parameters as a JSON object."""
 
     subject_pattern: Subject
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 1000
-    cursor: Annotated[str, Meta(max_length=1024)] | None = None
+    limit: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1000,
+            description="At most this many records a page (1-1000); a page also stops before the "
+            "record that would take the reply over the NATS server's max payload.",
+        ),
+    ] = 1000
+    cursor: Cursor | None = None
+
+
+class HistoryQuery(Request):
+    """Payload of `history`: the HTTP query parameters as a JSON object; every field is optional."""
+
+    limit: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=64,
+            description="At most this many revisions a page (1-64; the bucket keeps 64 a trigger); a page "
+            "also stops before the revision that would take the reply over the NATS server's max payload.",
+        ),
+    ] = 64
+    cursor: Cursor | None = None
+
+
+class HistoryRequest(Base):
+    """What `history` is given: the trigger named by the subject's last two tokens, and the page
+    asked for in the payload (not a wire type of its own)."""
+
+    ref: TriggerRef
+    query: HistoryQuery
 
 
 # --- stored records (also the reply bodies) --------------------------------------------------
@@ -253,9 +359,15 @@ class Metadata(Base):
 class ListBody(Base):
     """Body of a list reply."""
 
-    results: list[Trigger]
-    results_total: int
-    next_cursor: str | None = None
+    results: Annotated[
+        list[Trigger],
+        Meta(
+            description="One page of the live matches, ordered by subject: at most `limit`, and no more "
+            "than fit in one reply within the NATS server's max payload (always at least one)."
+        ),
+    ]
+    results_total: Annotated[int, Meta(description="Every live match, on every page.")]
+    next_cursor: NextCursor | None = None
 
 
 class HistoryEntry(Base):
@@ -270,8 +382,15 @@ class HistoryEntry(Base):
 class HistoryBody(Base):
     """Body of a history reply."""
 
-    results: list[HistoryEntry]
-    results_total: int
+    results: Annotated[
+        list[HistoryEntry],
+        Meta(
+            description="One page of the stored revisions, oldest first: at most `limit`, and no more "
+            "than fit in one reply within the NATS server's max payload (always at least one)."
+        ),
+    ]
+    results_total: Annotated[int, Meta(description="Every stored revision, on every page.")]
+    next_cursor: NextCursor | None = None
 
 
 class StreamTriggerReply(Reply):

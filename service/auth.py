@@ -6,16 +6,19 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 import msgspec
 
+from schemas.triggers import ACCOUNT_PATTERN, PATTERN_RULES
 from service.config import Settings
 from service.errors import Unauthorized
 
 DEFAULT_ACCOUNT = "default"
-_ACCOUNT = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)  # whole-string: always `fullmatch`
+_ACCOUNT_RULE = PATTERN_RULES[ACCOUNT_PATTERN]
+_NUMERIC_DATES = ("exp", "nbf", "iat")  # RFC 7519 NumericDate claims: JSON numbers
 _ASYMMETRIC = ["EdDSA", "ES256", "RS256"]
 READ, WRITE = "triggers:read", "triggers:write"
 
@@ -43,6 +46,7 @@ class Authenticator:
 
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth == "jwt"
+        self._required = ["account"] if settings.jwt_allow_no_exp else ["account", "exp"]
         self._key: Any
         if settings.jwt_public_key:
             self._key = Path(settings.jwt_public_key).read_text()
@@ -67,26 +71,38 @@ class Authenticator:
             raise Unauthorized("missing bearer token (Authorization: Bearer <jwt>)")
         try:
             claims = jwt.decode(
-                token, self._key, algorithms=self._algorithms, options={"require": ["account"]}
+                token, self._key, algorithms=self._algorithms, options={"require": self._required}
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token has expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"invalid bearer token: no `{exc.claim}` claim") from None
         except jwt.InvalidTokenError:
             raise Unauthorized("invalid bearer token") from None
+        for name in _NUMERIC_DATES:
+            value = claims.get(name)
+            # PyJWT reads `int(value)`, so it takes "9999999999" or true; RFC 7519 says a number.
+            if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise Unauthorized(
+                    f"invalid bearer token: `{name}` must be a JSON number (seconds since the epoch)"
+                )
         account = claims.get("account")
-        if not isinstance(account, str) or not _ACCOUNT.match(account):
-            raise Unauthorized("token `account` claim must be 1-128 characters of A-Z a-z 0-9 _ -")
+        if not _is_account(account):
+            raise Unauthorized(f"token `account` claim must be {_ACCOUNT_RULE}")
         scope = claims.get("scope")
         others = claims.get("accounts") or []
         if isinstance(others, str):
             others = others.split()
         if (scope is not None and not isinstance(scope, str)) or not isinstance(others, list):
             raise Unauthorized("token `scope` must be a string and `accounts` a list")
-        return Caller(
-            account,
-            frozenset(scope.split()) if scope is not None else None,
-            frozenset(a for a in others if isinstance(a, str)),
-        )
+        if not all(_is_account(other) for other in others):
+            raise Unauthorized(f"token `accounts` claim must list accounts of {_ACCOUNT_RULE}")
+        return Caller(account, frozenset(scope.split()) if scope is not None else None, frozenset(others))
+
+
+def _is_account(value: object) -> TypeGuard[str]:
+    """True for one whole account identifier (a single subject token), nothing before or after it."""
+    return isinstance(value, str) and _ACCOUNT.fullmatch(value) is not None
 
 
 def bearer_token(headers: Mapping[str, str] | None) -> str | None:

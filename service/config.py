@@ -11,9 +11,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$"
-_BUCKET_PATTERN = r"^[A-Za-z0-9_-]+$"
-_ADDR_PATTERN = r"^[^\s:]*:\d{1,5}$"
+# Whole-string patterns (`\A...\Z`: msgspec searches, and `$` would also accept a trailing newline).
+_PREFIX_PATTERN = r"\A[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\Z"
+_BUCKET_PATTERN = r"\A[A-Za-z0-9_-]+\Z"
+_ADDR_PATTERN = r"\A[^\s:]*:[0-9]{1,5}\Z"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     auth: Literal["jwt", "none"] = "jwt"
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
+    jwt_allow_no_exp: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console", "auto"] = "auto"
     max_in_flight: Annotated[int, Meta(ge=1, le=100_000)] = 256
@@ -57,6 +59,7 @@ ENV_VARS: dict[str, str] = {
     "auth": "TRIGGER_AUTH",
     "jwt_secret": "TRIGGER_JWT_SECRET",
     "jwt_public_key": "TRIGGER_JWT_PUBLIC_KEY",
+    "jwt_allow_no_exp": "TRIGGER_JWT_ALLOW_NO_EXP",
     "log_level": "LOG_LEVEL",
     "log_format": "LOG_FORMAT",
     "max_in_flight": "TRIGGER_MAX_IN_FLIGHT",
@@ -67,7 +70,7 @@ ENV_VARS: dict[str, str] = {
     "http_addr": "TRIGGER_HTTP_ADDR",
     "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
 }
-_LOWERCASE = {"auth", "log_level", "log_format", "routing"}
+_LOWERCASE = {"auth", "log_level", "log_format", "routing", "jwt_allow_no_exp"}
 
 
 class ConfigError(Exception):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import msgspec
+from msgspec import inspect
 
-from schemas.triggers import PATTERN_RULES
+from schemas.triggers import MAX_JSON_DEPTH, PATTERN_RULES
 
 
 class ApiError(Exception):
@@ -49,12 +50,32 @@ class PayloadTooLarge(ApiError):
     status, kind = 413, "Payload too large"
 
 
+class UriTooLong(ApiError):
+    status, kind = 414, "URI too long"
+
+
+class ExpectationFailed(ApiError):
+    status, kind = 417, "Expectation failed"
+
+
 class TooManyRequests(ApiError):
     status, kind = 429, "Too many requests"
 
 
+class HeaderFieldsTooLarge(ApiError):
+    status, kind = 431, "Request header fields too large"
+
+
 class Internal(ApiError):
     status, kind = 500, "Internal server error"
+
+
+class MethodNotImplemented(ApiError):
+    status, kind = 501, "Not implemented"
+
+
+class BadGateway(ApiError):
+    status, kind = 502, "Bad gateway"
 
 
 class Unavailable(ApiError):
@@ -76,3 +97,59 @@ def invalid(exc: msgspec.ValidationError | msgspec.DecodeError) -> BadRequest:
     else:
         text = "body is not valid JSON"
     return BadRequest(text)
+
+
+# The tokens of JSON text that nesting depends on: strings (so brackets inside them are skipped),
+# brackets and commas.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{},]')
+
+
+def too_deep(data: bytes, request: type[msgspec.Struct]) -> BadRequest:
+    """The 400 for a body msgspec could not decode for its nesting (RecursionError): it names the
+    field that holds the deep value, and the limit."""
+    path = _deep_path(data, MAX_JSON_DEPTH)
+    return BadRequest(
+        f"JSON nested deeper than {MAX_JSON_DEPTH} levels (the limit) - at `{_field_of(path, request)}`"
+    )
+
+
+def _deep_path(data: bytes, limit: int) -> list[str | int]:
+    """Keys and indices down to the first array or object of `data` nested deeper than `limit`."""
+    path: list[str | int] = []  # per open container: the current key or index
+    key_next = False
+    for match in _JSON_TOKENS.finditer(data):
+        token = match.group()
+        if token[:1] == b'"':
+            if key_next:
+                path[-1] = token[1:-1].decode(errors="replace")
+                key_next = False
+        elif token in (b"[", b"{"):
+            if len(path) == limit:
+                break
+            path.append(0 if token == b"[" else "")
+            key_next = token == b"{"
+        elif token in (b"]", b"}"):
+            if path:
+                path.pop()
+            key_next = False
+        elif path:  # a comma
+            if isinstance(path[-1], int):
+                path[-1] += 1
+            else:
+                key_next = True
+    return path
+
+
+def _field_of(path: list[str | int], request: type[msgspec.Struct]) -> str:
+    """The `$.a.b` of the request field `path` leads into: as far as the path follows Struct fields."""
+    where, info = "$", inspect.type_info(request)
+    for step in path:
+        if isinstance(info, inspect.UnionType):  # e.g. `TriggerTarget | None`
+            info = next((t for t in info.types if isinstance(t, inspect.StructType)), info)
+        if not isinstance(info, inspect.StructType):
+            break
+        field = next((f for f in info.fields if f.encode_name == step), None)
+        if field is None:
+            break
+        where, info = f"{where}.{step}", field.type
+    return where

@@ -10,9 +10,11 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+import msgspec
 from nats.nuid import NUID
 
 from schemas.triggers import (
@@ -23,6 +25,7 @@ from schemas.triggers import (
     HistoryBody,
     HistoryEntry,
     HistoryReply,
+    HistoryRequest,
     ListBody,
     ListQuery,
     ListReply,
@@ -35,10 +38,10 @@ from schemas.triggers import (
     TriggerRef,
     TriggerReply,
 )
-from service import subjects
+from service import paths, subjects
 from service.auth import Caller
 from service.config import Settings
-from service.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
+from service.errors import ApiError, BadRequest, Conflict, NotFound, Unauthorized, Unavailable
 from service.follower import Follower
 from service.graph import Edge, RouteGraph, edge_of
 from service.store import Change, TriggerStore, key_of, now_rfc3339, split_key
@@ -170,10 +173,25 @@ async def _check_against_earlier(
 
 
 async def create_gateway(ctx: Context, caller: Caller, req: GatewayTriggerRequest) -> GatewayTriggerReply:
-    """Store a gateway trigger; the sidecars serve it once they see it in the bucket."""
+    """Store a gateway trigger; the sidecars serve it once they see it in the bucket.
+
+    Every check comes before the first write, so a rejected create writes nothing: the path's
+    canonical form (400), the name (409), then the route's claim (409). A create that loses the
+    name to a concurrent one after claiming gives the claim back.
+    """
     mapping = req.gateway_mapping
+    try:
+        path = paths.trigger_path(mapping.path)
+    except paths.PathError as exc:
+        raise BadRequest(f"`path` {mapping.path!r} {exc} - at `$.gateway_mapping.path`") from None
     key = key_of(caller.account, "gateway", req.name)
-    await _claim_route(ctx, mapping.method, mapping.path, key)
+    try:
+        await ctx.store.get(key)
+    except (NotFound, msgspec.MsgspecError):  # free, or undecodable (which the create replaces)
+        pass
+    else:
+        raise Conflict(f"a gateway trigger named {req.name!r} already exists")
+    await _claim_route(ctx, mapping.method, path, key)
     record = GatewayTrigger(
         name=req.name,
         stream=ctx.store.bucket,
@@ -184,7 +202,7 @@ async def create_gateway(ctx: Context, caller: Caller, req: GatewayTriggerReques
         description=req.description,
         gateway_mapping=StoredGatewayMapping(
             method=mapping.method,
-            path=mapping.path,
+            path=path,
             is_public=mapping.is_public,
             timeout=mapping.timeout,
             limit=mapping.limit,
@@ -192,23 +210,49 @@ async def create_gateway(ctx: Context, caller: Caller, req: GatewayTriggerReques
         ),
         gateway_mapping_subject=f"{ctx.settings.prefix}.gateway.{ctx.nuid.next().decode()}",
     )
-    await ctx.store.create(key, record)
+    try:
+        await ctx.store.create(key, record)
+    except (Conflict, Unavailable):  # not stored (an unknown outcome keeps the claim: it may be)
+        await _claim_route(ctx, mapping.method, path, key, release=True)
+        raise
     return GatewayTriggerReply(body=record)
 
 
-async def _claim_route(ctx: Context, method: str, path: str, owner: str) -> None:
-    """Claim METHOD path for one trigger, across all accounts, by compare-and-set (409 when held)."""
+async def _claim_route(ctx: Context, method: str, path: str, owner: str, *, release: bool = False) -> None:
+    """Claim METHOD path for one trigger, across all accounts, by compare-and-set (409 when held);
+    with `release`, give back a claim `owner` made for a trigger that was not stored after all.
+
+    The claim is keyed by the canonical path (service.paths), the form the sidecars look requests
+    up in, so one URL has one claim whatever its spelling.
+    """
+    path = paths.canonical(path)
 
     def holds(trigger: Trigger) -> bool:
         return (
             isinstance(trigger, GatewayTrigger)
             and trigger.gateway_mapping.method == method
-            and trigger.gateway_mapping.path == path
+            and paths.canonical_or_none(trigger.gateway_mapping.path) == path
         )
 
     digest = hashlib.sha256(f"{method} {path}".encode()).hexdigest()
-    if not await ctx.store.claim(f"=route.{method}.{digest}", owner, holds):
-        raise Conflict(f"route {method} {path} is already served by another gateway trigger")
+    claim_key = f"=route.{method}.{digest}"
+    if not release:
+        if not await ctx.store.claim(claim_key, owner, holds):
+            raise Conflict(f"route {method} {path} is already served by another gateway trigger")
+        return
+    try:
+        value, revision = await ctx.store.get_raw(claim_key)
+        if value != owner.encode():
+            return  # taken over since: not ours to give back
+        try:
+            record, _ = await ctx.store.get(owner)
+            if holds(record):
+                return  # a concurrent create of the same trigger won, and holds this very route
+        except NotFound:
+            pass
+        await ctx.store.put_raw(claim_key, b"", revision)  # only if unchanged since it was read
+    except (ApiError, msgspec.MsgspecError):
+        return  # left as it is: a claim whose holder does not hold the route is taken over by the next
 
 
 # --- read ------------------------------------------------------------------------------------
@@ -224,14 +268,43 @@ async def list_triggers(ctx: Context, caller: Caller, query: ListQuery) -> ListR
     """The caller's live triggers whose subjects match a pattern, ordered by subject."""
     key_filter = _key_filter(ctx.settings.prefix, caller.account, query.subject_pattern)
     after = _decode_cursor(query.cursor) if query.cursor else None
+    if after is not None and "@" in after:  # a history cursor
+        raise BadRequest(_NOT_A_CURSOR)
     found = sorted((_subject_key(key), record) for key, record in await ctx.store.live(key_filter))
     remaining = [(k, r) for k, r in found if after is None or k > after]
-    page = remaining[: query.limit]
-    next_cursor = _encode_cursor(page[-1][0]) if len(remaining) > len(page) else None
+    page = _fill([r for _, r in remaining], query.limit, _room(ctx))
+    next_cursor = _encode_cursor(remaining[len(page) - 1][0]) if len(remaining) > len(page) else None
     return ListReply(
-        body=ListBody(results=[r for _, r in page], results_total=len(found), next_cursor=next_cursor),
+        body=ListBody(results=page, results_total=len(found), next_cursor=next_cursor),
         metadata=Metadata(subject=query.subject_pattern),
     )
+
+
+# Bytes of every reply kept for all but the records: the envelope (with a pattern of up to 1,024
+# characters in `metadata`, 4 KiB at most), the cursor, and headers. Records fill the rest.
+_REPLY_RESERVE = 16 * 1024
+_sizer = msgspec.json.Encoder()
+_scratch = bytearray()
+_Item = TypeVar("_Item", bound=msgspec.Struct)
+
+
+def _room(ctx: Context) -> int:
+    """Bytes the records of one reply may take: the max payload of the connection the service
+    replies on (the server's, as it announced it) less the reserve."""
+    return ctx.store.js.nc.max_payload - _REPLY_RESERVE
+
+
+def _fill(items: Sequence[_Item], limit: int, room: int) -> list[_Item]:
+    """The first of `items` that make one page: at most `limit`, and no more than `room` bytes once
+    encoded; always the first one, so that paging moves on (a record is bounded by the schema)."""
+    page: list[_Item] = []
+    for item in items[:limit]:
+        _sizer.encode_into(item, _scratch)  # each item encoded once to count it; the reply once
+        room -= len(_scratch) + 1  # and the comma that separates it from the next
+        if room < 0 and page:
+            break
+        page.append(item)
+    return page
 
 
 def _subject_key(key: str) -> str:
@@ -256,11 +329,14 @@ def _key_filter(prefix: str, account: str, pattern: str) -> str:
     return ".".join([account, *rest])
 
 
-def _encode_cursor(subject_key: str) -> str:
-    return base64.urlsafe_b64encode(subject_key.encode()).decode().rstrip("=")
+def _encode_cursor(position: str) -> str:
+    """An opaque cursor for a position: the last `<type>.<name>` a list page returned, or
+    `<type>.<name>@<revision>` for the last revision a history page returned."""
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
 
 
-_CURSOR = re.compile(r"^(?:gateway|stream|subject)\.[A-Za-z0-9][A-Za-z0-9_-]*$")
+_CURSOR = re.compile(r"\A(?:gateway|stream|subject)\.[A-Za-z0-9][A-Za-z0-9_-]*(?:@[1-9][0-9]{0,18})?\Z")
+_NOT_A_CURSOR = "`cursor` is not a cursor this service returned - at `$.cursor`"
 
 
 def _decode_cursor(cursor: str) -> str:
@@ -270,15 +346,27 @@ def _decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         after = ""
     if not _CURSOR.match(after):
-        raise BadRequest("`cursor` is not a cursor this service returned - at `$.cursor`")
+        raise BadRequest(_NOT_A_CURSOR)
     return after
 
 
-async def history(ctx: Context, caller: Caller, ref: TriggerRef) -> HistoryReply:
-    """Every stored revision of one trigger of the caller's account, oldest first."""
+async def history(ctx: Context, caller: Caller, req: HistoryRequest) -> HistoryReply:
+    """The stored revisions of one trigger of the caller's account, oldest first, one page at a time."""
+    ref, query = req.ref, req.query
+    position = f"{ref.trigger_type}.{ref.name}"
+    after = 0
+    if query.cursor:
+        cursor_of, _, revision = _decode_cursor(query.cursor).partition("@")
+        if cursor_of != position or not revision:  # a list cursor, or another trigger's
+            raise BadRequest("`cursor` is not a cursor of this trigger's history - at `$.cursor`")
+        after = int(revision)
     revisions = await ctx.store.history(key_of(caller.account, ref.trigger_type, ref.name))
-    results = [HistoryEntry(r.revision, r.time, r.record.type, r.record) for r in revisions]
-    return HistoryReply(body=HistoryBody(results=results, results_total=len(results)))
+    remaining = [
+        HistoryEntry(r.revision, r.time, r.record.type, r.record) for r in revisions if r.revision > after
+    ]
+    page = _fill(remaining, query.limit, _room(ctx))
+    next_cursor = _encode_cursor(f"{position}@{page[-1].revision}") if len(remaining) > len(page) else None
+    return HistoryReply(body=HistoryBody(results=page, results_total=len(revisions), next_cursor=next_cursor))
 
 
 # --- delete ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceCo
 from schemas import triggers as t
 from service import handlers, jetstream, log
 from service.auth import Authenticator, Caller
-from service.errors import ApiError, Internal, invalid
+from service.errors import ApiError, BadRequest, Internal, Unavailable, invalid, too_deep
 
 SERVICE_NAME = "trigger-service"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -48,8 +48,13 @@ class Operation:
 
     @property
     def from_subject(self) -> bool:
-        """True when the request comes from the subject's last two tokens, not the payload."""
+        """True when the request is only the subject's last two tokens: there is no payload."""
         return self.request is t.TriggerRef
+
+    @property
+    def names_trigger(self) -> bool:
+        """True when the subject's last two tokens name one trigger (get, delete, history)."""
+        return self.subject.endswith(".*.*")
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -77,11 +82,12 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "history", "history.*.*", "GET", "/trigger/triggers/{type}/{name}/history", False,
-        t.TriggerRef, t.HistoryReply, handlers.history, "History of one trigger",
+        t.HistoryQuery, t.HistoryReply, handlers.history, "History of one trigger",
     ),
 )  # fmt: skip
 
 _DECODERS = {op.name: msgspec.json.Decoder(op.request) for op in OPERATIONS}
+_HISTORY_QUERY = msgspec.json.Decoder(t.HistoryQuery)
 
 
 def error_reply(error: ApiError) -> tuple[bytes, dict[str, str]]:
@@ -93,12 +99,35 @@ def error_reply(error: ApiError) -> tuple[bytes, dict[str, str]]:
 def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
     """The request Struct of an operation, from the subject tokens or the JSON payload."""
     try:
-        if op.from_subject:
+        if op.names_trigger:
             trigger_type, name = subject.rsplit(".", 2)[-2:]
-            return msgspec.convert({"trigger_type": trigger_type, "name": name}, t.TriggerRef)
+            ref = msgspec.convert({"trigger_type": trigger_type, "name": name}, t.TriggerRef)
+            if op.from_subject:
+                return ref
+            # history: the trigger from the subject, the page from the payload (none: the first)
+            query = _HISTORY_QUERY.decode(data) if data else t.HistoryQuery()
+            return t.HistoryRequest(ref=ref, query=query)
         return _DECODERS[op.name].decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise invalid(exc) from None
+    except RecursionError:  # msgspec's own limit, far beyond the one the types hold fields to
+        raise too_deep(data, op.request) from None
+
+
+def as_api_error(exc: Exception) -> ApiError | None:
+    """The reply for an exception raised while serving a request; None for an unexpected one (a 500).
+
+    A JetStream error reply that reaches this far is not transient and not one the store maps: a
+    400 means the store refused what the request asked for (bad input, never a 500); anything
+    else is the store failing (503).
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, jetstream.JetStreamError):
+        if exc.code == 400:
+            return BadRequest(f"the trigger store refused the request: {exc.description}")
+        return Unavailable(f"the trigger store failed: {exc.description}")
+    return None
 
 
 @dataclass
@@ -198,12 +227,16 @@ class Api:
                 reply = await op.handler(self._ctx, caller, payload)
             status = op.success
             await request.respond(_encode(reply))
-        except ApiError as exc:
-            status, error = exc.status, f"{exc.status}:{exc.message}"
-            await self._respond_error(request, exc)
-        except Exception:
-            _log.exception("request failed")
-            await self._respond_error(request, Internal("unable to process the request"))
+        except Exception as exc:
+            answer = as_api_error(exc)
+            if answer is None:
+                _log.exception("request failed")
+                await self._respond_error(request, Internal("unable to process the request"))
+            else:
+                if not isinstance(exc, ApiError):
+                    _log.warning("JetStream refused a request", error=str(exc))
+                status, error = answer.status, f"{answer.status}:{answer.message}"
+                await self._respond_error(request, answer)
         finally:
             elapsed = time.perf_counter() - started
             counts.in_flight -= 1

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service.app import running
+from service.config import ConfigError
 from tests.conftest import make_settings
 from tests.support import SECRET, gateway_request, request, stream_request, token, unique
 
@@ -25,6 +26,14 @@ OPERATIONS = [
 
 def bearer(raw: str) -> dict[str, str]:
     return {"Authorization": raw}
+
+
+def signed(**claims: object) -> dict[str, str]:
+    """A correctly signed token with exactly these claims (no `exp` unless given)."""
+    return bearer("Bearer " + jwt.encode(claims, SECRET, "HS256"))
+
+
+LATER = int(time.time()) + 3600
 
 
 BAD_CREDENTIALS = [
@@ -43,9 +52,21 @@ BAD_CREDENTIALS = [
         id="expired",
     ),
     pytest.param(bearer("Bearer " + jwt.encode({"sub": "x"}, SECRET, "HS256")), "invalid", id="no-account"),
+    pytest.param(signed(account="a.b", exp=LATER), "`account`", id="bad-account"),
+    pytest.param(signed(account="acme\n", exp=LATER), "`account`", id="account-trailing-newline"),
+    pytest.param(signed(account=["acme"], exp=LATER), "`account`", id="account-not-a-string"),
+    pytest.param(signed(account="acme"), "no `exp` claim", id="no-exp"),
     pytest.param(
-        bearer("Bearer " + jwt.encode({"account": "a.b"}, SECRET, "HS256")), "account", id="bad-account"
+        signed(account="acme", exp=str(LATER)), "`exp` must be a JSON number", id="exp-numeric-string"
     ),
+    pytest.param(signed(account="acme", exp=True), "exp", id="exp-bool"),
+    pytest.param(signed(account="acme", exp=None), "`exp`", id="exp-null"),
+    pytest.param(signed(account="acme", exp=LATER, iat=str(LATER - 3600)), "`iat`", id="iat-string"),
+    pytest.param(signed(account="acme", exp=LATER, nbf="0"), "`nbf`", id="nbf-string"),
+    pytest.param(
+        signed(account="acme", exp=LATER, accounts=["ok", "a.b"]), "`accounts`", id="accounts-bad-entry"
+    ),
+    pytest.param(signed(account="acme", exp=LATER, accounts=["ok\n"]), "`accounts`", id="accounts-newline"),
     pytest.param(
         bearer("Bearer " + jwt.encode({"account": "acme"}, SECRET * 2, "HS512")), "invalid", id="wrong-alg"
     ),
@@ -141,3 +162,29 @@ async def test_development_switch_makes_every_caller_the_default_account(nats_se
     assert (created.status, got.status) == (201, 200)
     kv = await nc.jetstream().key_value(settings.bucket)
     assert (await kv.get(f"default.stream.{name}")).value
+
+
+async def test_tokens_without_exp_are_accepted_only_when_allowed(nats_server, nc):
+    """TRIGGER_JWT_ALLOW_NO_EXP=true lets a token without `exp` in; every other rule still holds."""
+    settings = make_settings(nats_server.url, TRIGGER_JWT_ALLOW_NO_EXP="true")
+    query = {"subject_pattern": "ms.trigger.>"}
+    async with running(settings):
+        no_exp = await request(nc, "ms.trigger.list", query, headers=signed(account="acme"), account=None)
+        string_exp = await request(
+            nc, "ms.trigger.list", query, headers=signed(account="acme", exp=str(LATER)), account=None
+        )
+        bad_account = await request(
+            nc, "ms.trigger.list", query, headers=signed(account="acme\n"), account=None
+        )
+    assert (no_exp.status, string_exp.status, bad_account.status) == (200, 401, 401)
+
+
+@pytest.mark.parametrize(("value", "allowed"), [(None, False), ("false", False), ("true", True), ("1", True)])
+def test_allow_no_exp_is_a_boolean_setting_off_by_default(value, allowed):
+    env = {} if value is None else {"TRIGGER_JWT_ALLOW_NO_EXP": value}
+    assert make_settings("nats://127.0.0.1:4222", **env).jwt_allow_no_exp is allowed
+
+
+def test_a_bad_allow_no_exp_value_stops_the_start_with_the_variable():
+    with pytest.raises(ConfigError, match="TRIGGER_JWT_ALLOW_NO_EXP"):
+        make_settings("nats://127.0.0.1:4222", TRIGGER_JWT_ALLOW_NO_EXP="sometimes")
