@@ -36,6 +36,7 @@ STALLED_AFTER = 1.5  # a watch that delivered nothing, not even a heartbeat, for
 READ_ATTEMPTS = 3  # fresh consumers a one-shot read tries before it is a 503
 _INACTIVE = 10.0  # the server removes a consumer whose subscriber went away after this long
 _RETRY_MIN, _RETRY_MAX = 0.1, 1.0  # seconds between attempts to watch a failing bucket again
+_APPLY_AGAIN = 1.0  # seconds between attempts at changes that failed to apply
 _PLACEMENTS = 4  # attempts at placing the spare consumer on another server than the first
 _NS = 1_000_000_000
 _log = log.get("follower")
@@ -404,8 +405,9 @@ async def following(
 ) -> AsyncIterator[Follower[C]]:
     """Apply every change of `follow(...)` in a task; entered once the first snapshot is applied.
 
-    When `apply` fails on a change, the bucket is watched again (and the change applied again).
-    Leaving stops the task.
+    A change that fails to apply (NATS did not confirm a subscription, a record the data plane
+    cannot carry) is logged and tried again every second until it, or a newer change of its key,
+    applies; it never holds up the changes of other keys. Leaving stops the tasks.
     """
     follower: Follower[C] = Follower()
     loaded = asyncio.get_running_loop().create_future()
@@ -415,20 +417,39 @@ async def following(
             await on_ready()
         loaded.set_result(None)
 
+    pending: dict[str, C] = {}  # key -> its newest change, which failed to apply: tried again
+
+    async def attempt(change: C, again: bool = False) -> None:
+        key = str(getattr(change, "key", ""))
+        if again and pending.get(key) is not change:
+            return  # a newer change of the key came meanwhile
+        try:
+            await apply(change)
+        except Exception as exc:
+            if not again:
+                _log.warning(
+                    "could not apply a change; trying it again", key=key, error=str(exc) or repr(exc)
+                )
+                pending[key] = change
+        else:
+            if not again or pending.get(key) is change:
+                pending.pop(key, None)
+
     async def run() -> None:
         changes = follow(js, prefix, key_pattern, decode, retire, is_live, ready)
         async with contextlib.aclosing(changes):
-            change, seq = await anext(changes)
-            while True:
-                try:
-                    await apply(change)
-                except Exception as exc:
-                    change, seq = await changes.athrow(exc)  # `follow` watches again
-                else:
-                    follower.advance(seq)
-                    change, seq = await anext(changes)
+            async for change, seq in changes:
+                await attempt(change)  # one failing key never holds up the others
+                follower.advance(seq)
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(_APPLY_AGAIN)
+            for change in list(pending.values()):
+                await attempt(change, again=True)
 
     task = asyncio.create_task(run(), name=f"follow {key_pattern}")
+    retrying = asyncio.create_task(retry(), name=f"apply again {key_pattern}")
     try:
         await asyncio.wait({task, loaded}, return_when=asyncio.FIRST_COMPLETED)
         if not loaded.done():
@@ -436,6 +457,7 @@ async def following(
             raise Unavailable(f"stopped following {key_pattern} before loading it")
         yield follower
     finally:
+        await _stop(retrying)
         await _stop(task)
         loaded.cancel()
 

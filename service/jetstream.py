@@ -103,8 +103,13 @@ def _give_up(seconds: float) -> float:
     return own if limit is None else min(own, limit)
 
 
+_NEVER = frozenset({10052})  # "invalid subject" comes with code 500, but asking again will not help
+
+
 def _transient(error: JetStreamError) -> bool:
     """An error that means "not now" (no leader, no quorum, JetStream busy), not "never"."""
+    if error.err_code in _NEVER:
+        return False
     return error.code in (408, 500, 503) or error.err_code in (10008, 10076, 10077, 10118)
 
 

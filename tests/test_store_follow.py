@@ -144,3 +144,34 @@ async def test_a_route_missing_from_the_bucket_after_a_restart_stops_being_carri
             await created(client, OTHER, source, f"{base}.w2")
         await carried(client, source, second)
         await not_carried_any_more(client, source, old, second)
+
+
+async def test_a_record_that_cannot_be_carried_never_holds_up_the_others(nc, settings):
+    """A stored stream trigger whose route the data plane refuses (here a source subject with a
+    space, written straight into the bucket) is logged and tried again; every other change is
+    still applied."""
+    async with running(settings):
+        kv = await nc.jetstream().key_value(settings.bucket)
+        created = await request(
+            nc, f"{API}.create.stream", stream_request(unique(), f"in.{unique()}", "out.x")
+        )
+        assert created.status == 201
+        record = created.envelope["body"]
+        bad = dict(record, name="bad", source={"subject": "in.bad subject", "type": "stream"})
+        await kv.put("acme.stream.bad", msgspec.json.encode(bad))
+        good_source, good_target = f"in.{unique()}", f"out.{unique()}"
+        good = dict(
+            record,
+            name="good",
+            source={"subject": good_source, "type": "stream"},
+            target={"subject": good_target, "type": "stream"},
+        )
+        inbox = await Inbox.on(nc, good_target)
+        await kv.put("acme.stream.good", msgspec.json.encode(good))
+
+        async def carried() -> bool:
+            await nc.publish(good_source, b"through")
+            await nc.flush()
+            return b"through" in inbox.payloads
+
+        await eventually(carried, timeout=5, interval=0.05)
