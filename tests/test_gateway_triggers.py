@@ -536,15 +536,3 @@ async def test_routes_keep_following_the_bucket_across_a_nats_restart(tmp_path, 
         await client.drain()
     finally:
         server.stop()
-
-
-async def test_an_interim_status_in_the_envelope_ends_the_connection_instead_of_hanging(nc, gateway_url):
-    path = f"/{unique('p')}"
-    trigger = await create(nc, unique(), "GET", path, is_public=True)
-    await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b'{"status_code": 100}'))
-
-    async def interim() -> bool:  # a keep-alive request, read until the server closes
-        raw = await raw_http(gateway_url, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return raw.startswith(b"HTTP/1.1 100 Continue\r\n")
-
-    await eventually(interim, timeout=1.0)

@@ -1,7 +1,9 @@
 """The Trigger API over HTTP: one static route per operation of the table, forwarded over NATS.
 
 Nothing here interprets a request beyond what the subject needs: the service decodes, validates
-and authenticates, and its envelope's `status_code` becomes the HTTP status.
+and authenticates, and its envelope's `status_code` becomes the HTTP status. A request refused
+here (a path parameter that is no subject token, a body over 1 MiB) is authenticated first, as
+the service would, so that an anonymous caller learns nothing about its request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from nats.aio.client import Client
 from schemas.openapi import HealthBody, HealthReply, document
 from schemas.triggers import ErrorReply
 from service import log
+from service.auth import Authenticator
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -34,6 +37,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 _log = log.get("gateway.api")
 _encode = msgspec.json.Encoder().encode
@@ -70,6 +74,11 @@ def not_connected(nc: Client) -> Unavailable | None:
     return Unavailable("not connected to NATS" + (" (reconnecting)" if nc.is_reconnecting else ""))
 
 
+def malformed_body() -> BadRequest:
+    """The 400 for a request body the HTTP parser refused part-way (bad chunked encoding, a short body)."""
+    return BadRequest("the request body is malformed (its chunked encoding or length is not valid HTTP/1.1)")
+
+
 def error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> web.Response:
     """The JSON envelope of an error, with its status."""
     body = _encode(ErrorReply(error=error.message, status_code=error.status))
@@ -82,9 +91,10 @@ class TriggerApi:
     def __init__(self, settings: Settings, nc: Client) -> None:
         self._settings = settings
         self._nc = nc
+        self._auth = Authenticator(settings)
         self._openapi = _encode(document(settings.prefix))
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
+    def add_routes(self, router: web.UrlDispatcher, expect_handler: ExpectHandler | None = None) -> None:
         """Register every static route; a known path with another method answers 405."""
         handlers: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self.health},
@@ -95,8 +105,8 @@ class TriggerApi:
         for path, methods in handlers.items():
             resource = router.add_resource(path)
             for method, handler in methods.items():
-                resource.add_route(method, handler)
-            resource.add_route("*", _not_allowed(sorted(methods)))
+                resource.add_route(method, handler, expect_handler=expect_handler)
+            resource.add_route("*", _not_allowed(sorted(methods)), expect_handler=expect_handler)
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI document."""
@@ -128,9 +138,13 @@ class TriggerApi:
 
         async def forward(request: web.Request) -> web.Response:
             try:
-                tokens = iter([_token(name, request.match_info[name]) for name in params])
-                target = ".".join(next(tokens) if part == "*" else part for part in subject.split("."))
-                payload = await self._payload(op, request)
+                try:
+                    tokens = iter([_token(name, request.match_info[name]) for name in params])
+                    target = ".".join(next(tokens) if part == "*" else part for part in subject.split("."))
+                    payload = await self._payload(op, request)
+                except ApiError:
+                    self._auth.authenticate(request.headers, write=op.write)  # 401 before the 400
+                    raise
                 return await self._request(target, payload, request)
             except ApiError as error:
                 return error_response(error)
@@ -149,6 +163,8 @@ class TriggerApi:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes") from None
+        except web.RequestPayloadError:
+            raise malformed_body() from None
         if len(body) > MAX_BODY:
             raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes")
         return body

@@ -1,37 +1,76 @@
-"""Start-up and shutdown of the HTTP sidecar: the static API routes, then the gateway triggers' routes."""
+"""Start-up and shutdown of the HTTP sidecar: the static API routes, then the gateway triggers' routes.
+
+Every answer is an envelope, whoever makes it: the routes, the access-log middleware for what a
+route raises or fails to send, and the connection handler (`_Connection`) for what aiohttp's HTTP
+parser refuses before any route sees the request.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web, web_protocol
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
+from aiohttp.web_request import BaseRequest
 
-from service import log
+from service import errors, log
 from service.app import connect_supported, finish, open_store, run_until_signalled
 from service.config import Settings
-from service.errors import ApiError, Internal
-from service.gateway.api import MAX_BODY, REQUEST_ID, Handler, TriggerApi, error_response
+from service.errors import (
+    ApiError,
+    BadRequest,
+    ExpectationFailed,
+    GatewayTimeout,
+    HeaderFieldsTooLarge,
+    Internal,
+    MethodNotImplemented,
+    UriTooLong,
+)
+from service.gateway.api import MAX_BODY, REQUEST_ID, Handler, TriggerApi, error_response, malformed_body
 from service.gateway.forward import GatewayRoutes
 from service.routing import REQUEST_ID_HEADER
 
 _log = log.get("gateway")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _ENTITY_HEADERS = ("content-type", "content-length")
+# A documented query (subject pattern and cursor of 1,024 characters each, percent-encoded UTF-8)
+# can be 25 KB long: the request line limit must hold it.
 MAX_REQUEST_LINE = 64 * 1024
+# A header's name and its value, each: room for bearer tokens with many claims.
+MAX_HEADER_FIELD = 16 * 1024
+MAX_HEADERS = 128  # header lines of one request
 # The envelope kind of the statuses aiohttp itself may raise.
-_KINDS = {cls.status: cls.kind for cls in ApiError.__subclasses__()}
+_KINDS = {cls.status: cls.kind for cls in ApiError.__subclasses__() if cls.__module__ == errors.__name__}
+_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+# How each connection is handled: no access log of aiohttp's (the middleware writes one line per
+# request), and the parser's limits.
+_CONNECTION: dict[str, Any] = {
+    "access_log": None,
+    "max_line_size": MAX_REQUEST_LINE,
+    "max_field_size": MAX_HEADER_FIELD,
+    "max_headers": MAX_HEADERS,
+}
 
 
 def build_app(settings: Settings, api: TriggerApi, routes: GatewayRoutes, max_body: int) -> web.Application:
     """The aiohttp application: static routes first, then every other request to the gateway routes."""
     app = web.Application(middlewares=[_access_log], client_max_size=max_body)
-    api.add_routes(app.router)
-    app.router.add_route("*", "/{tail:.*}", routes.handle)
+    api.add_routes(app.router, expect_handler=_expect_continue)
+    app.router.add_route("*", "/{tail:.*}", routes.handle, expect_handler=_expect_continue)
     return app
 
 
@@ -45,9 +84,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
         app = build_app(settings, TriggerApi(settings, nc), routes, max(MAX_BODY, nc.max_payload))
-        # A documented query (subject pattern and cursor of 1,024 characters each, percent-encoded
-        # UTF-8) can be 25 KB long: the request line limit must hold it.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=MAX_REQUEST_LINE)
+        runner = _Runner(app)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = settings.http_addr.rsplit(":", 1)
@@ -74,18 +111,23 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
     response: web.StreamResponse
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         try:
-            response = await handler(request)
+            response = _unmet_expectation(request) or await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = _KINDS.get(exc.status, exc.reason)
             kept = {k: v for k, v in exc.headers.items() if k.lower() not in _ENTITY_HEADERS}
             response = error_response(_Raised(exc.status, kind, exc.reason.lower()), headers=kept)
+        except web.RequestPayloadError:  # the body turned out not to be HTTP part-way
+            response = _closing(error_response(malformed_body()))
+        except ConnectionError:
+            raise  # the caller has gone: nothing to answer, nothing to log but at debug level
         except Exception:
             _log.exception("request failed", method=request.method, path=request.path)
             response = error_response(Internal("unable to process the request"))
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        response = await _send(request, response, request_id)
     _log.info(
         "http",
         method=request.method,
@@ -95,6 +137,141 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
         request_id=request_id,
     )
     return response
+
+
+async def _send(request: web.Request, response: web.StreamResponse, request_id: str) -> web.StreamResponse:
+    """Send the response here rather than after the middleware, so that a failure while sending it
+    (a header value aiohttp refuses to write) is still answered with an envelope, as long as none
+    of it was written."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        raise  # the caller has gone: nothing to answer
+    except Exception:
+        if request.writer.output_size:
+            raise
+        _log.exception("response failed", method=request.method, path=request.path, status=response.status)
+        response = error_response(
+            Internal("unable to send the response"), headers={REQUEST_ID_HEADER: request_id}
+        )
+        await response.prepare(request)
+        await response.write_eof()
+    return response
+
+
+async def _expect_continue(request: web.Request) -> None:
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation is left to the
+    middleware (`_unmet_expectation`), which answers it with an envelope."""
+    if request.version == HttpVersion11 and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not the response
+
+
+def _unmet_expectation(request: web.Request) -> web.Response | None:
+    """417 for an `Expect` other than 100-continue (RFC 9110 section 10.1.1); HTTP/1.0 has none."""
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is None or request.version != HttpVersion11 or expect.lower() == "100-continue":
+        return None
+    detail = f"unknown expectation {_PRINTABLE.sub('?', expect[:64])!r} (only 100-continue is understood)"
+    return _closing(error_response(ExpectationFailed(detail)))
+
+
+def _closing(response: web.Response) -> web.Response:
+    """The response, with the connection closed after it."""
+    response.force_close()
+    return response
+
+
+def _refusal(exc: HttpProcessingError, line_limit: int, field_limit: int) -> ApiError:
+    """What the HTTP parser refused, in the envelope's words and with the status that says it."""
+    if isinstance(exc, LineTooLong):
+        if exc.args[1:2] == (line_limit,):
+            return UriTooLong(f"the request line is over {line_limit} bytes")
+        return HeaderFieldsTooLarge(f"a header's name or value is over {field_limit} bytes")
+    if exc.message == "Too many headers received":
+        return HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header lines")
+    if isinstance(exc, BadHttpMethod):
+        if "HTTPS" in exc.message:
+            return BadRequest("HTTPS sent to a plain HTTP port")
+        return MethodNotImplemented(
+            "unknown HTTP method (methods are case-sensitive: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS)"
+        )
+    reason = _PRINTABLE.sub("?", exc.message.split("\n", 1)[0].rstrip(": "))[:80]
+    if isinstance(exc, BadStatusLine | InvalidURLError):
+        return BadRequest(f"malformed request line ({reason}; bytes outside ASCII must be percent-encoded)")
+    return BadRequest(f"malformed HTTP request ({reason})")
+
+
+class _Connection(web_protocol.RequestHandler):
+    """aiohttp's handler of one HTTP connection, with every answer of its own in the envelope.
+
+    aiohttp answers what its parser refuses (and what escapes the application) itself, in plain
+    text, before any route or middleware sees the request: `handle_error` is where it does.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The envelope for a request aiohttp could not hand to the application, or that failed there."""
+        if isinstance(exc, ConnectionError):
+            raise exc  # the caller has gone (aiohttp closes the connection quietly)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was sent in part; only closing the connection is left")
+        request_id = os.urandom(16).hex()
+        if isinstance(exc, HttpProcessingError):
+            error = _refusal(exc, self.max_line_size, self.max_field_size)
+        elif status == 504:
+            error = GatewayTimeout("the request took too long")
+        else:
+            _log.error("request failed", exc_info=exc, request_id=request_id)
+            error = Internal("unable to process the request")
+        _log.info(
+            "http", method=None, path=None, status=error.status, error=error.message, request_id=request_id
+        )
+        return _closing(error_response(error, headers={REQUEST_ID_HEADER: request_id}))
+
+    def data_received(self, data: bytes) -> None:
+        """Parse what came in; a request body the parser refuses part-way fails the body's reader.
+
+        aiohttp 3.14's C parser, refusing the rest of a chunked body it already began to deliver,
+        queues the refusal as if it were the next request and leaves the current body waiting for
+        ever: the handler reading it would hang. So the current body fails instead (the handler
+        answers 400), and the connection closes after that answer.
+        """
+        request, queued = self._current_request, len(self._messages)
+        super().data_received(data)
+        if request is None or len(self._messages) == queued:
+            return
+        if isinstance(self._messages[-1][0], web_protocol._ErrInfo) and not request.content.is_eof():
+            request.content.set_exception(web.RequestPayloadError("the request body is not valid HTTP/1.1"))
+            request.content.feed_eof()  # nothing more comes: no lingering read of the rest
+            self.close()  # after this request's answer; the refusal queued behind it is dropped
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_Connection`s."""
+
+    def __init__(self, app_server: web.Server) -> None:
+        super().__init__(app_server.request_handler, request_factory=app_server.request_factory)
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        """A handler for one new connection."""
+        return _Connection(self, loop=asyncio.get_running_loop(), **_CONNECTION)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections answer in the envelope (`_Connection`)."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(app, handle_signals=False)
+
+    async def _make_server(self) -> web.Server:
+        return _Server(await super()._make_server())  # the application's handler, started and frozen
 
 
 class _Raised(ApiError):

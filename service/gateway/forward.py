@@ -1,9 +1,11 @@
 """Gateway triggers: the sidecar's dynamic HTTP routes, followed from the bucket, forwarded over NATS.
 
-Each live gateway trigger is one `Route`, keyed by (method, path). An HTTP request on it becomes
-a NATS request to the trigger's mapping subject: the body is the payload, the method, path and
-raw query string travel as `Http-*` headers next to the request's own end-to-end headers, and
-the reply becomes the HTTP response.
+Each live gateway trigger is one `Route`, keyed by (method, canonical path): a request's path is
+looked up in the same canonical form (service.paths) that the route was claimed in, so every
+spelling of one URL reaches the one route that holds it. An HTTP request on it becomes a NATS
+request to the trigger's mapping subject: the body is the payload, the method, path and raw query
+string travel as `Http-*` headers next to the request's own end-to-end headers, and the reply
+becomes the HTTP response.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import time
 from types import TracebackType
 
@@ -21,11 +24,12 @@ from multidict import CIMultiDictProxy
 from nats.aio.client import Client
 
 from schemas.triggers import ErrorReply, GatewayTrigger
-from service import log
+from service import log, paths
 from service.auth import DEFAULT_ACCOUNT, Authenticator, bearer_token
 from service.config import Settings
 from service.errors import (
     ApiError,
+    BadGateway,
     BadRequest,
     GatewayTimeout,
     MethodNotAllowed,
@@ -35,14 +39,15 @@ from service.errors import (
     Unauthorized,
     Unavailable,
 )
-from service.gateway.api import not_connected
+from service.gateway.api import malformed_body, not_connected
 from service.gateway.ratelimit import SlidingWindow
 from service.gateway.tokens import VerifiedTokens
 from service.store import Change, TriggerStore
 
 KEY_PATTERN = "*.gateway.*"
-# Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), and the headers the gateway
-# sets itself, so that a caller cannot forge them.
+# Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), and the header the gateway sets
+# itself, so that a caller cannot forge it; so is every `Http-*` header (_FORGED_PREFIX), the
+# gateway's own namespace.
 _DROPPED = frozenset(
     {
         "connection",
@@ -53,12 +58,12 @@ _DROPPED = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
-        "http-method",
-        "http-path",
-        "http-query",
         "trigger-account",
     }
 )
+_FORGED_PREFIX = "http-"
+# What aiohttp can send as a header value (RFC 9110 section 5.5: no control character but tab).
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
 _JSON_OBJECT_START = frozenset(b"{ \t\r\n")
 _RESERVED_HEADERS_CHARS = 200  # the Http-* and Trigger-Account headers, without path and query
 _NATS_HEADER_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
@@ -91,12 +96,12 @@ class Route:
         "timeout",
     )
 
-    def __init__(self, key: str, revision: int, trigger: GatewayTrigger) -> None:
+    def __init__(self, key: str, revision: int, trigger: GatewayTrigger, path: str) -> None:
         mapping = trigger.gateway_mapping
         self.key = key
         self.revision = revision
         self.method = mapping.method
-        self.path = mapping.path
+        self.path = path  # canonical
         self.is_public = mapping.is_public
         self.timeout = mapping.timeout / 1000
         self.subject = trigger.gateway_mapping_subject
@@ -157,11 +162,30 @@ class GatewayRoutes:
         if current is not None and current.revision == change.revision:
             return  # the same revision again (a restarted watch): keep its rate-limit state
         self._remove(change.key)
-        route = Route(change.key, change.revision, record)
+        # Stored in canonical form since paths have one; a record from before is read in it too.
+        path = paths.canonical_or_none(record.gateway_mapping.path)
+        if path is None:
+            _log.warning("route has no canonical path: not served", key=change.key,
+                         path=record.gateway_mapping.path)  # fmt: skip
+            return
+        route = Route(change.key, change.revision, record, path)
         self._by_key[route.key] = route
+        self._serve(route)
+        _log.debug("route added", key=route.key, method=route.method, path=route.path)
+
+    def _serve(self, route: Route) -> None:
+        """Serve `route` unless an earlier trigger serves its method and path.
+
+        Claims make one route one trigger; two can only meet here when records stored before paths
+        were canonical spell one route twice, and then the earlier one keeps it.
+        """
+        held = self._routes.get((route.method, route.path))
+        if held is not None and held.revision < route.revision:
+            _log.warning("route already served by an earlier trigger", key=route.key, by=held.key,
+                         method=route.method, path=route.path)  # fmt: skip
+            return
         self._routes[route.method, route.path] = route
         self._methods.setdefault(route.path, set()).add(route.method)
-        _log.debug("route added", key=route.key, method=route.method, path=route.path)
 
     def _remove(self, key: str) -> None:
         route = self._by_key.pop(key, None)
@@ -174,6 +198,9 @@ class GatewayRoutes:
                 methods.discard(route.method)
                 if not methods:
                     del self._methods[route.path]
+            waiting = [r for r in self._by_key.values() if (r.method, r.path) == (route.method, route.path)]
+            if waiting:  # a trigger the removed one kept from the route (see _serve)
+                self._serve(min(waiting, key=lambda r: r.revision))
         _log.debug("route removed", key=key, method=route.method, path=route.path)
 
     # --- serving -----------------------------------------------------------------------------
@@ -181,12 +208,12 @@ class GatewayRoutes:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one HTTP request on a gateway trigger's route, or 404."""
         method = request.method
-        route = self._routes.get((method, request.path))
+        # The path as sent, in the canonical form routes are stored and claimed in; one without a
+        # canonical form (`%2F`, a `%` that starts no escape) is no route's.
+        path = paths.canonical_or_none(request.rel_url.raw_path)
+        route = self._routes.get((method, path)) if path is not None else None
         if route is None:
-            # A route whose path holds percent-escapes matches the path exactly as sent.
-            route = self._routes.get((method, request.rel_url.raw_path))
-            if route is None:
-                return self._no_route(request)
+            return self._no_route(request, path)
 
         headers = request.headers
         account: str | None = None
@@ -220,7 +247,10 @@ class GatewayRoutes:
         length = request.content_length
         if length is not None and length > max_payload:
             return _too_large(max_payload)
-        body = await _read_body(request, max_payload) if request.body_exists else b""
+        try:
+            body = await _read_body(request, max_payload) if request.body_exists else b""
+        except web.RequestPayloadError:
+            return _error(malformed_body())
         if body is None:
             return _too_large(max_payload)
 
@@ -254,12 +284,13 @@ class GatewayRoutes:
             return _error(not_connected(self._nc) or Unavailable("not connected to NATS"))
         return _response(reply.data, reply.headers)
 
-    def _no_route(self, request: web.Request) -> web.Response:
-        methods = self._methods.get(request.path) or self._methods.get(request.rel_url.raw_path)
+    def _no_route(self, request: web.Request, path: str | None) -> web.Response:
+        methods = self._methods.get(path) if path is not None else None
+        sent = request.rel_url.raw_path
         if methods:
             allow = ", ".join(sorted(methods))
-            return _error(MethodNotAllowed(f"{request.path} accepts {allow}"), {"Allow": allow})
-        return _error(NotFound(f"no gateway route for {request.method} {request.path}"))
+            return _error(MethodNotAllowed(f"{sent} accepts {allow}"), {"Allow": allow})
+        return _error(NotFound(f"no gateway route for {request.method} {sent}"))
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -277,7 +308,8 @@ def _forwarded_headers(headers: CIMultiDictProxy[str]) -> tuple[dict[str, str], 
     out: dict[str, str] = {}
     chars = 0
     for name, value in headers.items():
-        if name.lower() in dropped:
+        lowered = name.lower()
+        if lowered in dropped or lowered.startswith(_FORGED_PREFIX):
             continue
         if not value.isascii() and not _is_utf8(value):
             return None
@@ -314,22 +346,28 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 def _response(data: bytes, headers: dict[str, str] | None) -> web.Response:
-    """The HTTP response for a NATS reply: an envelope's status, or 200 with the reply's content type."""
+    """The HTTP response for a NATS reply: an envelope's status, or 200 with the reply's content
+    type; 502 for a reply that cannot be one (an interim status, a content type HTTP cannot carry)."""
     if data and data[0] in _JSON_OBJECT_START:
         try:
             status = _decode_envelope(data).status_code
         except msgspec.MsgspecError:
             status = None
         if status is not None and 100 <= status <= 599:
-            response = web.Response(body=data, status=status, headers={"Content-Type": "application/json"})
-            if status < 200:
-                response.force_close()  # an interim status: the client would wait for a final one
-            return response
+            if status < 200:  # an interim status is no answer: the caller would wait for a final one
+                return _error(
+                    BadGateway(f"the responder answered the interim status {status} (a reply needs 200-599)")
+                )
+            return web.Response(body=data, status=status, headers={"Content-Type": "application/json"})
     content_type = None
     if headers:
         content_type = headers.get("Content-Type")
         if content_type is None:
             content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    if content_type is not None and not _HEADER_VALUE.fullmatch(content_type):
+        return _error(
+            BadGateway("the responder's Content-Type holds a control character, which HTTP cannot carry")
+        )
     return web.Response(body=data, headers={"Content-Type": content_type or "application/octet-stream"})
 
 
