@@ -18,7 +18,6 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -180,8 +179,14 @@ class AccountsCarrier:
     async def _update_locked(
         self, account: str, key: str, mutate: Mutation, always_push: bool, create: bool
     ) -> None:
-        """Change the service's own exports and imports in the account's JWT as the servers hold
-        it now: everything else in it (made with nsc, say) is kept exactly."""
+        """Change the service's own exports and imports in the account's JWT.
+
+        The servers' live JWT is read first. One the service signed (its `jti` is among the
+        record's recent ones, perhaps an older one still on its way) says nothing new; one signed
+        elsewhere (nsc) becomes the record's base, less the service's own claims, so its edits
+        (revocations, limits, signing keys, other exports and imports) are kept exactly, and a
+        trigger's claim it lacks is drift, put back.
+        """
         for attempt in range(_ATTEMPTS):
             raw, revision = await self.store.get_raw(key)
             if not raw and not create:
@@ -190,27 +195,30 @@ class AccountsCarrier:
             before = c.owned_claims(record)
             changed = mutate(record)
             token = await self.system.lookup(account)
-            if token is None:
-                if create:
-                    raise BadRequest(f"NATS knows no account {account}")
-                live: dict[str, Any] = {"sub": account, "nats": {}}
-            else:
-                live = jwt.decode(token)
-            record.base = c.others_of(live, before, c.owned_claims(record))
+            if token is None and create:
+                raise BadRequest(f"NATS knows no account {account}")
+            live = jwt.decode(token) if token else {}
+            foreign = bool(token) and live.get("jti") not in record.pushed
+            if foreign:
+                record.base = c.others_of(live, before, c.owned_claims(record))
             desired = c.compose(record)
             if not changed:
+                if not foreign:
+                    if always_push and record.jwt:
+                        await self._push_latest(key, record.jwt, revision)
+                    return  # the servers hold (or are being sent) the service's latest
                 if c.same(desired, live):
-                    return  # the servers hold what the triggers need
-                drift = c.missing(live, record)
-                if drift:
+                    changed = True  # nothing to repair: just remember that JWT as the base
+                else:
                     _log.warning(
-                        "account JWT drifted from its triggers; repairing", account=account, missing=drift
+                        "account JWT changed outside the service; merging and pushing",
+                        account=account,
+                        missing=c.missing(live, record),
                     )
-                elif not always_push:
-                    return
             record.iat = max(int(time.time()), record.iat + 1, int(live.get("iat", 0)) + 1)
             desired["iat"] = record.iat
             record.jwt = self.system.sign(desired)
+            record.pushed = [*record.pushed[-(c.PUSHED_KEPT - 1) :], str(jwt.decode(record.jwt)["jti"])]
             written = await self.store.put_raw(key, c.encode_record(record), revision)
             if written is not None:
                 await self._push_latest(key, record.jwt, written)

@@ -18,6 +18,7 @@ from schemas.triggers import StreamTrigger
 from service.errors import Conflict
 
 RECORD_PREFIX = "=claims."
+PUSHED_KEPT = 32  # how many of the service's own recent JWTs an account's record recognises
 
 
 def record_key(account: str) -> str:
@@ -44,6 +45,7 @@ class AccountRecord(msgspec.Struct, kw_only=True):
     removed: dict[str, str] = msgspec.field(default_factory=dict)
     iat: int = 0
     jwt: str = ""
+    pushed: list[str] = msgspec.field(default_factory=list)  # `jti`s of the JWTs it signed last
 
     def put(self, kind: str, key: str, entry: Entry) -> bool:
         """Set the `kind` ("exports" or "imports") entry of a trigger; True when that changed anything.
