@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import nats.errors
@@ -329,21 +330,25 @@ class Follower(Generic[C]):
                 await asyncio.wait_for(self._moved.wait(), remaining)
 
 
-Decode = Callable[[Delivery], C]
 Apply = Callable[[C], Awaitable[None]]
-Retire = Callable[[str, int], C]
+
+
+@dataclass(frozen=True)
+class Keys(Generic[C]):
+    """What a follower follows: the keys of a bucket matching a pattern, and how to read a change."""
+
+    js: JetStream
+    prefix: str  # the bucket's subject prefix, `$KV.<bucket>.`
+    pattern: str
+    decode: Callable[[Delivery], C]
+    retire: Callable[[str, int], C]  # the change that says a key is no longer live at a revision
+    is_live: Callable[[C], bool]
 
 
 async def follow(
-    js: JetStream,
-    prefix: str,
-    key_pattern: str,
-    decode: Decode[C],
-    retire: Retire[C],
-    is_live: Callable[[C], bool],
-    on_ready: Callable[[], Awaitable[None]] | None = None,
+    keys: Keys[C], on_ready: Callable[[], Awaitable[None]] | None = None
 ) -> AsyncGenerator[tuple[C, int], None]:
-    """(change, seq) for every live key matching `key_pattern`, then for every later change, forever.
+    """(change, seq) for every live key matching `keys.pattern`, then for every later change, forever.
 
     `on_ready` is awaited once, when the first complete snapshot has been yielded. When a watch
     is lost, JetStream fails, or the consumer throws an exception in at a change (`athrow`), the
@@ -357,13 +362,13 @@ async def follow(
     while True:
         loading, snapshot, newest = True, set(), 0
         try:
-            async with contextlib.aclosing(watch(js, prefix, key_pattern)) as deliveries:
+            async with contextlib.aclosing(watch(keys.js, keys.prefix, keys.pattern)) as deliveries:
                 async for delivery in deliveries:
                     if delivery is None:  # the snapshot is complete
                         # A missing key stopped being live before `newest`: a revision that
                         # retires its route but is older than any later record of the key.
                         for key in [key for key in live if key not in snapshot]:
-                            yield retire(key, max(newest, live.pop(key))), 0
+                            yield keys.retire(key, max(newest, live.pop(key))), 0
                         loading, retry = False, _RETRY_MIN
                         if not loaded:
                             if on_ready is not None:
@@ -373,8 +378,8 @@ async def follow(
                     if loading:
                         snapshot.add(delivery.key)
                         newest = max(newest, delivery.seq)
-                    change = decode(delivery)
-                    if is_live(change):
+                    change = keys.decode(delivery)
+                    if keys.is_live(change):
                         live[delivery.key] = delivery.seq
                     else:
                         live.pop(delivery.key, None)
@@ -383,25 +388,20 @@ async def follow(
             log_ = _log.info if loaded else _log.warning
             log_(
                 "watching the bucket again" if loaded else "waiting for the trigger bucket",
-                keys=key_pattern,
+                keys=keys.pattern,
                 reason=str(exc),
             )
         except Exception as exc:
-            _log.exception("following the bucket failed; watching it again", keys=key_pattern, error=str(exc))
+            _log.exception(
+                "following the bucket failed; watching it again", keys=keys.pattern, error=str(exc)
+            )
         await asyncio.sleep(retry)
         retry = min(retry * 2, _RETRY_MAX)
 
 
 @contextlib.asynccontextmanager
 async def following(
-    js: JetStream,
-    prefix: str,
-    key_pattern: str,
-    decode: Decode[C],
-    retire: Retire[C],
-    is_live: Callable[[C], bool],
-    apply: Apply[C],
-    on_ready: Callable[[], Awaitable[None]] | None = None,
+    keys: Keys[C], apply: Apply[C], on_ready: Callable[[], Awaitable[None]] | None = None
 ) -> AsyncIterator[Follower[C]]:
     """Apply every change of `follow(...)` in a task; entered once the first snapshot is applied.
 
@@ -436,7 +436,7 @@ async def following(
                 pending.pop(key, None)
 
     async def run() -> None:
-        changes = follow(js, prefix, key_pattern, decode, retire, is_live, ready)
+        changes = follow(keys, ready)
         async with contextlib.aclosing(changes):
             async for change, seq in changes:
                 await attempt(change)  # one failing key never holds up the others
@@ -448,13 +448,13 @@ async def following(
             for change in list(pending.values()):
                 await attempt(change, again=True)
 
-    task = asyncio.create_task(run(), name=f"follow {key_pattern}")
-    retrying = asyncio.create_task(retry(), name=f"apply again {key_pattern}")
+    task = asyncio.create_task(run(), name=f"follow {keys.pattern}")
+    retrying = asyncio.create_task(retry(), name=f"apply again {keys.pattern}")
     try:
         await asyncio.wait({task, loaded}, return_when=asyncio.FIRST_COMPLETED)
         if not loaded.done():
             task.result()  # the follow ended before loading: its error
-            raise Unavailable(f"stopped following {key_pattern} before loading it")
+            raise Unavailable(f"stopped following {keys.pattern} before loading it")
         yield follower
     finally:
         await _stop(retrying)

@@ -30,7 +30,7 @@ from nats.js import api
 from schemas.triggers import Trigger
 from service import log
 from service.errors import Conflict, NotFound, Unavailable
-from service.follower import Delivery, Follower, following, read
+from service.follower import Delivery, Follower, Keys, following, read
 from service.jetstream import (
     WRITE_DEADLINE,
     BucketMissing,
@@ -255,7 +255,8 @@ class TriggerStore:
         on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Follower[Change]]:
         """Apply every change of the keys matching `key_pattern` (see follower.following)."""
-        return following(self.js, self.prefix, key_pattern, self._change, _retired, _is_live, apply, on_ready)
+        keys = Keys(self.js, self.prefix, key_pattern, self._change, _retired, _is_live)
+        return following(keys, apply, on_ready)
 
     # --- writes whose outcome was unknown ------------------------------------------------------
 
