@@ -154,6 +154,7 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         nc = await connect_supported(settings, "trigger-service")
         stack.push_async_callback(finish, nc)
         store = await open_store(nc, settings)
+        stack.push_async_callback(store.close)  # lets writes still being settled finish first
         graph = RouteGraph(single=settings.routing == "single")  # fed by the carrier's one bucket watch
         carrier = make_carrier(settings, store, graph.observe)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
