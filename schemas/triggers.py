@@ -95,6 +95,23 @@ ExportType = Literal["stream", "service"]
 ResponseType = Literal["Singleton", "Stream", "Chunked"]
 TriggerType = Literal["gateway", "stream", "subject"]
 
+Enabled = Annotated[
+    bool,
+    Meta(
+        description="False keeps the trigger (record, history, route claim) but carries nothing: a stream "
+        "route is stopped, a gateway route answers 503."
+    ),
+]
+RevisionNumber = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=2**63 - 1,
+        description="The revision the caller read (compare-and-set): the change applies only while the "
+        "trigger is still at it, else 409 (412 over HTTP with If-Match). Absent: the latest.",
+    ),
+]
+
 RESERVED_PATHS = ("/trigger", "/healthz", "/openapi.json", "/docs", "/metrics")
 
 
@@ -168,6 +185,7 @@ class StreamTriggerRequest(Request):
     target: TriggerTarget
     collection: Text | None = None
     description: Text | None = None
+    enabled: Enabled = True
 
     def __post_init__(self) -> None:
         if self.target.type is not None and self.target.type != self.source.kind:
@@ -235,6 +253,7 @@ class GatewayTriggerRequest(Request):
     gateway_mapping: GatewayMapping
     collection: Text | None = None
     description: Text | None = None
+    enabled: Enabled = True
 
     def __post_init__(self) -> None:
         # Checked here rather than in GatewayMapping, so the message names the field itself: msgspec
@@ -255,6 +274,50 @@ class StoredGatewayMapping(Base):
     traffic_distribution: dict[str, int] | None = None
 
 
+# --- update and enable/disable ---------------------------------------------------------------
+
+
+class StreamTriggerUpdate(StreamTriggerRequest):
+    """Body of `update.stream.<name>`: a full create body, which replaces the whole configuration
+    (`enabled` included: left out, it is true), and optionally the revision it replaces."""
+
+    revision: RevisionNumber | None = None
+
+
+class GatewayTriggerUpdate(GatewayTriggerRequest):
+    """Body of `update.gateway.<name>`: a full create body, which replaces the whole configuration
+    (`enabled` included: left out, it is true), and optionally the revision it replaces."""
+
+    revision: RevisionNumber | None = None
+
+
+class EnabledPatch(Request):
+    """Body of `patch.<type>.<name>`: switch a trigger off or on; nothing else changes."""
+
+    enabled: bool
+    revision: RevisionNumber | None = None
+
+
+class UpdateRequest(Base):
+    """What `update` is given (not a wire type): the trigger the subject names, its new
+    configuration, and the revision it must still be at (from the body, the `Trigger-Revision`
+    header or `If-Match`); `if_match` when that came from `If-Match` (a stale one is then 412)."""
+
+    ref: TriggerRef
+    body: Any  # StreamTriggerUpdate or GatewayTriggerUpdate, decoded by the subject's type token
+    revision: int | None = None
+    if_match: bool = False
+
+
+class PatchRequest(Base):
+    """What `patch` is given (not a wire type): as UpdateRequest, with the patch as its body."""
+
+    ref: TriggerRef
+    body: EnabledPatch
+    revision: int | None = None
+    if_match: bool = False
+
+
 # --- list query ------------------------------------------------------------------------------
 
 
@@ -268,6 +331,11 @@ Cursor = Annotated[
 ]
 NextCursor = Annotated[
     str, Meta(description="Present when more follow this page: pass it back as `cursor` for the next one.")
+]
+
+
+EnabledFilter = Annotated[
+    bool, Meta(description="Only enabled (true) or only disabled (false) triggers; absent: both.")
 ]
 
 
@@ -285,6 +353,7 @@ class ListQuery(Request):
         ),
     ] = 1000
     cursor: Cursor | None = None
+    enabled: EnabledFilter | None = None
 
 
 class HistoryQuery(Request):
@@ -313,17 +382,30 @@ class HistoryRequest(Base):
 # --- stored records (also the reply bodies) --------------------------------------------------
 
 
+StoredRevision = Annotated[
+    int, Meta(description="The record's revision in the bucket (in replies; never stored).")
+]
+
+
 class Record(Base, tag_field="trigger_type"):
-    """Fields every stored trigger has. `type` is `created` or `deleted`."""
+    """Fields every stored trigger has. `type` is `created`, `updated` or `deleted`.
+
+    `enabled` is left out while it is true (fields at their defaults are). `revision` is never
+    stored: replies fill it in with the record's KV revision, the one to send back as `revision`
+    (or `If-Match`) for a compare-and-set.
+    """
 
     name: str
     stream: str
     subject: str
-    type: Literal["created", "deleted"]
+    type: Literal["created", "updated", "deleted"]
     created_at: str
+    updated_at: str | None = None
     deleted_at: str | None = None
     collection: str | None = None
     description: str | None = None
+    enabled: bool = True
+    revision: StoredRevision | None = None
 
 
 class StreamTrigger(Record, tag="stream", kw_only=True):
@@ -408,7 +490,7 @@ class GatewayTriggerReply(Reply):
 
 
 class TriggerReply(Reply):
-    """200 reply of `get`."""
+    """200 reply of `get`, `update` and `patch`: the record at its current revision."""
 
     body: Trigger
     metadata: Metadata
@@ -441,3 +523,19 @@ class ErrorReply(Reply):
 
     error: str
     status_code: int
+
+
+class ExistsBody(Base):
+    """Body of a create's 409 when a live trigger holds the name: that trigger, and whether its
+    configuration equals the request's (`same`: a retried create that had in fact succeeded)."""
+
+    same: bool
+    record: Trigger
+
+
+class ExistsReply(Reply):
+    """409 reply of a create whose name a live trigger of the caller's account holds."""
+
+    error: str
+    body: ExistsBody
+    status_code: int = 409

@@ -18,6 +18,7 @@ from service import log, serverversion
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import Unavailable
+from service.events import ChangeEvents
 from service.graph import RouteGraph
 from service.handlers import Carrier, Context
 from service.routing import Api
@@ -159,6 +160,11 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         carrier = make_carrier(settings, store, graph.observe)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving
+        # Change events: entered after the carrier, so each event waits for the carrier to apply
+        # its revision (and it stops before the carrier does); follows the bucket before serving.
+        events = ChangeEvents(settings, store, getattr(carrier, "follower", None))
+        await wait_for("the change-events stream", events.open)
+        await stack.enter_async_context(events)
         api = Api(nc, Context(settings, store, graph, carrier), Authenticator(settings))
         await api.start()
         stack.push_async_callback(api.stop)

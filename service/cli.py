@@ -31,8 +31,12 @@ def service_main(argv: list[str] | None = None) -> None:
         from service.accounts.bootstrap import main as accounts_init
 
         raise SystemExit(accounts_init(args[2:]))
+    if args[:1] in (["apply"], ["plan"], ["diff"], ["export"]):
+        from service.apply import main as apply_main
+
+        raise SystemExit(apply_main(args))
     if args:
-        print("usage: trigger-service [accounts init DIR]", file=sys.stderr)
+        print("usage: trigger-service [accounts init DIR | plan|diff|apply|export ...]", file=sys.stderr)
         raise SystemExit(2)
     settings = _settings()
     log.configure(settings.log_level, settings.log_format)

@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tenants: str = ""  # accounts mode: the accounts stream triggers may route between (comma-separated)
     http_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] = "127.0.0.1:8080"
     request_timeout: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    # How long the change-events stream keeps an event (seconds; the stream's duplicate window is
+    # 2 minutes, or this when shorter). Applies when the service creates the stream.
+    events_max_age: Annotated[float, Meta(ge=1, le=10 * 365 * 86400)] = 7 * 86400.0
 
     @property
     def tenant_accounts(self) -> frozenset[str]:
@@ -69,6 +72,7 @@ ENV_VARS: dict[str, str] = {
     "tenants": "TRIGGER_TENANTS",
     "http_addr": "TRIGGER_HTTP_ADDR",
     "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
+    "events_max_age": "TRIGGER_EVENTS_MAX_AGE",
 }
 _LOWERCASE = {"auth", "log_level", "log_format", "routing", "jwt_allow_no_exp"}
 

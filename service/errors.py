@@ -11,14 +11,16 @@ from schemas.triggers import MAX_JSON_DEPTH, PATTERN_RULES
 
 
 class ApiError(Exception):
-    """An error that reaches the caller as `{"error": "<Kind>: <detail>", "status_code": N}`."""
+    """An error that reaches the caller as `{"error": "<Kind>: <detail>", "status_code": N}`, with
+    a `body` as well when it carries one (a create's 409 carries the live trigger)."""
 
     status: int = 500
     kind: str = "Internal server error"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, body: msgspec.Struct | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.body = body
 
     @property
     def message(self) -> str:
@@ -44,6 +46,14 @@ class MethodNotAllowed(ApiError):
 
 class Conflict(ApiError):
     status, kind = 409, "Conflict"
+
+
+class StaleRevision(Conflict):
+    """A compare-and-set on a revision the trigger is no longer at."""
+
+
+class PreconditionFailed(ApiError):
+    status, kind = 412, "Precondition failed"
 
 
 class PayloadTooLarge(ApiError):

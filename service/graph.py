@@ -56,9 +56,10 @@ class RouteGraph:
             self._index(key, edge)
         self._edges[key] = (revision, edge)
 
-    def closes_cycle(self, edge: Edge, before: int | None = None) -> bool:
+    def closes_cycle(self, edge: Edge, before: int | None = None, *, instead_of: str | None = None) -> bool:
         """True when a message carried along `edge` could come back to its tail (through routes
-        stored before revision `before` only, when given)."""
+        stored before revision `before` only, when given; without the route at key `instead_of`,
+        which `edge` replaces in an update)."""
         tail, head = edge
         pending, seen = [head], set()
         while pending:
@@ -67,22 +68,28 @@ class RouteGraph:
                 return True
             if here not in seen:
                 seen.add(here)
-                pending.extend(self._fed_by(here, before))
+                pending.extend(self._fed_by(here, before, instead_of))
         return False
 
-    def _fed_by(self, node: Node, before: int | None) -> Iterator[Node]:
-        """The heads of the edges whose tail can match `node`."""
+    def _fed_by(self, node: Node, before: int | None, skip: str | None) -> Iterator[Node]:
+        """The heads of the edges whose tail can match `node` (but the edge at key `skip`)."""
         space, subject = node
         if subjects.is_literal(subject):
             for key in self._literal.get(node, ()):
                 revision, edge = self._edges[key]
-                if edge is not None and (before is None or revision < before):
+                if edge is not None and key != skip and (before is None or revision < before):
                     yield edge[1]
             edges: Iterable[Edge] = (
-                e for k, e in self._wild.items() if before is None or self._edges[k][0] < before
+                e
+                for k, e in self._wild.items()
+                if k != skip and (before is None or self._edges[k][0] < before)
             )
         else:  # a wildcard destination: any tail may match it
-            edges = (e for r, e in self._edges.values() if e is not None and (before is None or r < before))
+            edges = (
+                e
+                for k, (r, e) in self._edges.items()
+                if e is not None and k != skip and (before is None or r < before)
+            )
         for (tail_space, tail), head in edges:
             if tail_space == space and subjects.overlap(subject, tail):
                 yield head

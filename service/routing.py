@@ -8,8 +8,10 @@ from the same table.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +42,15 @@ class Operation:
     http_method: str
     http_path: str
     write: bool
-    request: type[msgspec.Struct]
+    request: Any  # a Struct type; for update, the union of one per trigger type (see `bodies`)
     reply: type[msgspec.Struct]
     handler: Callable[[handlers.Context, Caller, Any], Awaitable[msgspec.Struct]]
     summary: str
     success: int = 200
+    # A change of one trigger by compare-and-set: `revision`, `Trigger-Revision` or `If-Match`.
+    conditional: bool = False
+    # The reply carries one record: over HTTP its revision is the `ETag`.
+    etag: bool = False
 
     @property
     def from_subject(self) -> bool:
@@ -53,8 +59,13 @@ class Operation:
 
     @property
     def names_trigger(self) -> bool:
-        """True when the subject's last two tokens name one trigger (get, delete, history)."""
+        """True when the subject's last two tokens name one trigger (get, update, patch, delete, history)."""
         return self.subject.endswith(".*.*")
+
+    @property
+    def bodies(self) -> tuple[type[msgspec.Struct], ...]:
+        """The request types the payload may be (update: one per trigger type)."""
+        return typing.get_args(self.request) or (self.request,)
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -70,7 +81,17 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "get", "get.*.*", "GET", "/trigger/triggers/{type}/{name}", False,
-        t.TriggerRef, t.TriggerReply, handlers.get, "Get one trigger",
+        t.TriggerRef, t.TriggerReply, handlers.get, "Get one trigger", etag=True,
+    ),
+    Operation(
+        "update", "update.*.*", "PUT", "/trigger/triggers/{type}/{name}", True,
+        t.StreamTriggerUpdate | t.GatewayTriggerUpdate, t.TriggerReply, handlers.update,
+        "Replace a trigger's configuration (compare-and-set)", conditional=True, etag=True,
+    ),
+    Operation(
+        "patch", "patch.*.*", "PATCH", "/trigger/triggers/{type}/{name}", True,
+        t.EnabledPatch, t.TriggerReply, handlers.patch,
+        "Disable or enable a trigger (compare-and-set)", conditional=True, etag=True,
     ),
     Operation(
         "list", "list", "GET", "/trigger/triggers", False,
@@ -86,24 +107,54 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
 )  # fmt: skip
 
-_DECODERS = {op.name: msgspec.json.Decoder(op.request) for op in OPERATIONS}
+_DECODERS: dict[str, msgspec.json.Decoder[msgspec.Struct]] = {
+    op.name: msgspec.json.Decoder(op.request) for op in OPERATIONS if not op.names_trigger
+}
 _HISTORY_QUERY = msgspec.json.Decoder(t.HistoryQuery)
+_UPDATES: dict[str, msgspec.json.Decoder[Any]] = {
+    "stream": msgspec.json.Decoder(t.StreamTriggerUpdate),
+    "gateway": msgspec.json.Decoder(t.GatewayTriggerUpdate),
+}
+_PATCH = msgspec.json.Decoder(t.EnabledPatch)
+REVISION_HEADER = "Trigger-Revision"
+_DIGITS = re.compile(r"[1-9][0-9]{0,18}")
+_ENTITY_TAG = re.compile(r'"([1-9][0-9]{0,18})"|([1-9][0-9]{0,18})')
 
 
 def error_reply(error: ApiError) -> tuple[bytes, dict[str, str]]:
-    """Envelope and micro error headers of an error."""
-    body = _encode(t.ErrorReply(error=error.message, status_code=error.status))
+    """Envelope and micro error headers of an error (a create's 409 carries the live trigger)."""
+    if isinstance(error.body, t.ExistsBody):
+        body = _encode(t.ExistsReply(error=error.message, body=error.body, status_code=error.status))
+    else:
+        body = _encode(t.ErrorReply(error=error.message, status_code=error.status))
     return body, {"Nats-Service-Error": error.message, "Nats-Service-Error-Code": str(error.status)}
 
 
-def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
-    """The request Struct of an operation, from the subject tokens or the JSON payload."""
+def decode_request(
+    op: Operation, subject: str, data: bytes, headers: Mapping[str, str] | None = None
+) -> msgspec.Struct:
+    """The request Struct of an operation, from the subject tokens, the JSON payload and (for a
+    compare-and-set) the revision headers."""
+    request_type: Any = op.request
     try:
         if op.names_trigger:
             trigger_type, name = subject.rsplit(".", 2)[-2:]
             ref = msgspec.convert({"trigger_type": trigger_type, "name": name}, t.TriggerRef)
             if op.from_subject:
                 return ref
+            if op.name == "update":
+                decoder = _UPDATES.get(ref.trigger_type)
+                if decoder is None:
+                    raise BadRequest(f"a {ref.trigger_type} trigger has no configuration to update")
+                request_type = decoder.type
+                body = decoder.decode(data)
+                revision, if_match = _revision(body.revision, headers or {})
+                return t.UpdateRequest(ref=ref, body=body, revision=revision, if_match=if_match)
+            if op.name == "patch":
+                request_type = t.EnabledPatch
+                patch = _PATCH.decode(data)
+                revision, if_match = _revision(patch.revision, headers or {})
+                return t.PatchRequest(ref=ref, body=patch, revision=revision, if_match=if_match)
             # history: the trigger from the subject, the page from the payload (none: the first)
             query = _HISTORY_QUERY.decode(data) if data else t.HistoryQuery()
             return t.HistoryRequest(ref=ref, query=query)
@@ -111,7 +162,43 @@ def decode_request(op: Operation, subject: str, data: bytes) -> msgspec.Struct:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise invalid(exc) from None
     except RecursionError:  # msgspec's own limit, far beyond the one the types hold fields to
-        raise too_deep(data, op.request) from None
+        raise too_deep(data, request_type) from None
+
+
+def _revision(in_body: int | None, headers: Mapping[str, str]) -> tuple[int | None, bool]:
+    """The revision a compare-and-set must find, from the body's `revision`, the `Trigger-Revision`
+    header or HTTP's `If-Match` (forwarded by the sidecar); and whether it came from `If-Match`.
+
+    `If-Match: *` (any current record) and no revision at all apply the change to the latest
+    revision; two revisions that disagree are a 400.
+    """
+    found: list[tuple[str, int]] = []
+    if in_body is not None:
+        found.append(("`revision`", in_body))
+    header = headers.get(REVISION_HEADER)
+    if header is not None:
+        if not _DIGITS.fullmatch(header.strip()):
+            raise BadRequest(
+                f"header {REVISION_HEADER} must be a revision (a positive integer), not {header!r}"
+            )
+        found.append((REVISION_HEADER, int(header)))
+    if_match = headers.get("If-Match")
+    if if_match is not None and if_match.strip() != "*":
+        tag = _ENTITY_TAG.fullmatch(if_match.strip())
+        if tag is None:
+            raise BadRequest(
+                f'header If-Match must be one entity tag as an ETag gave it ("<revision>"), or *, '
+                f"not {if_match!r}"
+            )
+        found.append(("If-Match", int(tag.group(1) or tag.group(2))))
+    if len({revision for _, revision in found}) > 1:
+        raise BadRequest(
+            "the revision is given more than once, and not the same: "
+            + ", ".join(f"{where} {revision}" for where, revision in found)
+        )
+    if not found:
+        return None, False
+    return found[0][1], any(where == "If-Match" for where, _ in found)
 
 
 def as_api_error(exc: Exception) -> ApiError | None:
@@ -164,7 +251,7 @@ class Api:
             ServiceConfig(
                 name=SERVICE_NAME,
                 version=__version__,
-                description="Create, read, list and delete triggers; make them live.",
+                description="Create, read, list, update, disable, enable and delete triggers; carry them.",
                 metadata={"bucket": self._ctx.store.bucket, "prefix": prefix},
                 stats_handler=self._stats,
             ),
@@ -222,7 +309,7 @@ class Api:
         try:
             caller = self._auth.authenticate(headers, write=op.write)
             account = caller.account
-            payload = decode_request(op, request.subject, request.data)
+            payload = decode_request(op, request.subject, request.data, headers)
             with jetstream.budget():
                 reply = await op.handler(self._ctx, caller, payload)
             status = op.success

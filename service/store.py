@@ -29,7 +29,7 @@ from nats.js import api
 
 from schemas.triggers import Trigger
 from service import log
-from service.errors import Conflict, NotFound, Unavailable
+from service.errors import Conflict, NotFound, StaleRevision, Unavailable
 from service.follower import Delivery, Follower, Keys, following, read
 from service.jetstream import (
     WRITE_DEADLINE,
@@ -46,6 +46,13 @@ _SETTLE_PAUSE = 0.5
 _log = log.get("store")
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(Trigger).decode
+
+
+def _encode_record(record: Trigger) -> bytes:
+    """A record as stored: without `revision`, which only replies carry (the store assigns it)."""
+    if record.revision is not None:
+        record = msgspec.structs.replace(record, revision=None)
+    return _encode(record)
 
 
 def key_of(account: str, trigger_type: str, name: str) -> str:
@@ -138,7 +145,7 @@ class TriggerStore:
 
     async def create(self, key: str, record: Trigger) -> int:
         """Store a new trigger unless a live one holds the key (Conflict)."""
-        data = _encode(record)
+        data = _encode_record(record)
         subject = self.prefix + key
         try:
             try:
@@ -162,6 +169,21 @@ class TriggerStore:
             ) from None
         _, trigger_type, name = split_key(key)
         raise Conflict(f"a {trigger_type} trigger named {name!r} already exists")
+
+    async def update(self, key: str, record: Trigger, revision: int) -> int:
+        """Replace the live trigger at `key` with `record` if the key is still at `revision`; the new
+        revision. StaleRevision when it moved on; OutcomeUnknown when JetStream did not tell in time
+        (the update may still be stored: nothing is compensated, a get shows which revision holds)."""
+        try:
+            return await self.js.publish(self.prefix + key, _encode_record(record), revision)
+        except WrongLastSequence:
+            raise StaleRevision(f"the trigger is no longer at revision {revision}") from None
+        except OutcomeUnknown as exc:
+            raise OutcomeUnknown(
+                f"{exc.detail}; the update may still be stored: get the trigger to see which revision holds",
+                exc.subject,
+                exc.msg_id,
+            ) from None
 
     async def claim(self, claim_key: str, owner: str, holds: Callable[[Trigger], bool]) -> bool:
         """Make `owner` the holder of `claim_key`; False when a live record still `holds` it.
@@ -206,11 +228,15 @@ class TriggerStore:
 
     async def live(self, key_pattern: str) -> list[tuple[str, Trigger]]:
         """Every live record whose key matches `key_pattern`: complete, or Unavailable."""
-        found: list[tuple[str, Trigger]] = []
+        return [(key, record) for key, record, _ in await self.live_revisions(key_pattern)]
+
+    async def live_revisions(self, key_pattern: str) -> list[tuple[str, Trigger, int]]:
+        """Every live record whose key matches `key_pattern`, with its revision: complete, or Unavailable."""
+        found: list[tuple[str, Trigger, int]] = []
         for delivery in await read(self.js, self.prefix, key_pattern):
             record = self._change(delivery).record
             if record is not None:
-                found.append((delivery.key, record))
+                found.append((delivery.key, record, delivery.seq))
         return found
 
     async def history(self, key: str) -> list[Revision]:
@@ -262,7 +288,7 @@ class TriggerStore:
 
     async def _tombstone(self, key: str, record: Trigger, revision: int) -> int:
         tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339())
-        return await self.js.publish(self.prefix + key, _encode(tombstone), revision)
+        return await self.js.publish(self.prefix + key, _encode_record(tombstone), revision)
 
     async def _undo_create(self, key: str, seq: int, record: Trigger) -> None:
         with contextlib.suppress(WrongLastSequence):  # changed since: not ours to undo any more

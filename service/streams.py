@@ -3,8 +3,15 @@
 A `stream` route is a queue subscription on S that republishes each message on D; a `service`
 route is a queue subscription on D that forwards each request to S with the requester's reply
 subject, so the responders answer the requester directly. Every replica follows the bucket and
-subscribes in the same queue group (named after the trigger's key and the revision that created
-it), so NATS hands each message to one replica only.
+subscribes in the same queue group (named after the trigger's key and its creation time, so one
+group for the whole life of one incarnation, across its updates), so NATS hands each message to
+one replica only.
+
+An update that changes the route is make-before-break on every replica: the new subscription
+joins the same queue group and is flushed to the server before the old one is drained (no longer
+given messages, and those it was given are carried). At every moment the group has a member, and
+each message goes to one member only: old or new configuration, exactly once. A disabled trigger
+has no subscription at all.
 
 The routes use a connection of their own: a burst of carried messages then never queues in
 front of the control plane's replies and KV traffic, and the data plane's flushes wait only for
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,8 +52,23 @@ _log = log.get("streams")
 
 @dataclass(frozen=True)
 class _Route:
-    revision: int
-    subscription: Subscription
+    revision: int  # the newest revision applied
+    incarnation: str  # the trigger's creation time: a delete and a new create make a new one
+    plan: tuple[str, str] | None  # (listen, deliver), None while disabled
+    subscription: Subscription | None  # None while disabled
+
+
+def _plan(trigger: StreamTrigger) -> tuple[str, str]:
+    """(listen, deliver): the subject a route subscribes to, and where it sends what arrives."""
+    source, destination = route_of(trigger)
+    if trigger.source.kind == "service":  # requests to D are forwarded to the responders on S
+        return destination, source
+    return source, destination
+
+
+def _incarnation(trigger: StreamTrigger) -> str:
+    """A queue-group token of the trigger's incarnation: its creation time, digits and letters only."""
+    return re.sub(r"[^0-9A-Za-z]", "", trigger.created_at) or "0"
 
 
 def route_of(trigger: StreamTrigger) -> tuple[str, str]:
@@ -103,21 +126,39 @@ class SubscriptionCarrier:
     async def check(self, account: str, trigger: StreamTrigger) -> None:
         """Any valid route can be carried by subscriptions."""
 
-    async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
-        """Carry the trigger created at `revision`; return once its subscription is at the server."""
+    async def activate(
+        self, key: str, revision: int, trigger: StreamTrigger, previous: StreamTrigger | None = None
+    ) -> None:
+        """Carry the trigger as stored at `revision`: return once its subscription is at the server
+        (enabled), or once it carries nothing more (disabled). Within one incarnation the route
+        changes make-before-break; `previous` is not needed, the carrier knows what it carries."""
         async with self._lock(key):
             if self._ended.get(key, 0) >= revision:
                 return  # deleted already: a late event must not bring it back
             current = self._routes.get(key)
-            if current is not None:
-                if current.revision >= revision:
-                    return
-                del self._routes[key]
+            if current is not None and current.revision >= revision:
+                return  # an older event, or one already applied
+            incarnation = _incarnation(trigger)
+            plan = _plan(trigger) if trigger.enabled else None
+            if current is not None and current.incarnation != incarnation:
+                del self._routes[key]  # a new trigger of the same name: the old one is gone
                 await self._stop(key, current)
-            self._routes[key] = await self._start(key, revision, trigger)
+                current = None
+            if plan is None:  # disabled: nothing carried, the revision kept
+                if current is not None and current.subscription is not None:
+                    await self._stop(key, current)
+                self._routes[key] = _Route(revision, incarnation, None, None)
+                return
+            if current is not None and current.subscription is not None and current.plan == plan:
+                self._routes[key] = _Route(revision, incarnation, plan, current.subscription)
+                return  # nothing the data plane sees has changed
+            subscription = await self._start(key, incarnation, plan)  # joins the same queue group
+            self._routes[key] = _Route(revision, incarnation, plan, subscription)
+            if current is not None and current.subscription is not None:
+                await self._drain(key, current)  # only now: the group never lacks a member
 
     async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
-        """Stop carrying the trigger at `key`; return once nothing more is carried."""
+        """Stop carrying the trigger at `key` (deleted); return once nothing more is carried."""
         async with self._lock(key):
             current = self._routes.pop(key, None)
             if current is not None:
@@ -153,16 +194,13 @@ class SubscriptionCarrier:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _start(self, key: str, revision: int, trigger: StreamTrigger) -> _Route:
+    async def _start(self, key: str, incarnation: str, plan: tuple[str, str]) -> Subscription:
         data = self._connected()
-        source, destination = route_of(trigger)
-        if trigger.source.kind == "service":  # requests to D are forwarded to the responders on S
-            listen, deliver = destination, source
-        else:
-            listen, deliver = source, destination
+        listen, deliver = plan
         subscription = await data.subscribe(
             listen,
-            queue=f"{self._store.bucket}.{key}.{revision}",  # shared by replicas, new per incarnation
+            # Shared by the replicas, and by the old and new route of an update; new per incarnation.
+            queue=f"{self._store.bucket}.{key}.{incarnation}",
             cb=self._carrier(listen, deliver),
             pending_msgs_limit=PENDING_MSGS_LIMIT,
             pending_bytes_limit=PENDING_BYTES_LIMIT,
@@ -174,11 +212,27 @@ class SubscriptionCarrier:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
             raise Unavailable("NATS did not confirm the route's subscription") from None
-        _log.debug("route started", key=key, revision=revision, listen=listen, deliver=deliver)
-        return _Route(revision, subscription)
+        _log.debug("route started", key=key, listen=listen, deliver=deliver)
+        return subscription
+
+    async def _drain(self, key: str, route: _Route) -> None:
+        """Stop the old subscription of an updated route: the server gives it nothing more, and what
+        it was given is carried (an unsubscribe would drop it: lost messages)."""
+        subscription = route.subscription
+        if subscription is None:
+            return
+        try:
+            await asyncio.wait_for(subscription.drain(), self._flush_timeout)  # type: ignore[no-untyped-call]
+        except (TimeoutError, nats.errors.Error):
+            _log.warning("old route not drained; unsubscribed", key=key)
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+        _log.debug("old route drained", key=key, revision=route.revision)
 
     async def _stop(self, key: str, route: _Route) -> None:
         """Unsubscribe (messages not yet carried are dropped) and flush the UNSUB to the server."""
+        if route.subscription is None:
+            return
         with contextlib.suppress(nats.errors.Error):
             await route.subscription.unsubscribe()
         try:

@@ -329,6 +329,93 @@ async def test_a_cycle_across_accounts_is_refused(service: Api, tenants: list[Te
     assert elsewhere.status == 201, elsewhere.envelope
 
 
+async def update(tenant: Tenant, body: dict[str, Any], *targets: Tenant) -> Reply:
+    return await request(
+        tenant.nc, f"{API}.update.stream.{body['name']}", body, headers=tenant.token(*targets), account=None
+    )
+
+
+async def patch(tenant: Tenant, name: str, enabled: bool) -> Reply:
+    return await request(
+        tenant.nc, f"{API}.patch.stream.{name}", {"enabled": enabled}, headers=tenant.token(), account=None
+    )
+
+
+async def test_an_update_switches_the_pair_and_leaves_only_the_new_one(
+    service: Api, tenants: list[Tenant], system_nc: Client
+) -> None:
+    a, b, _ = tenants
+    base = unique("upd")
+    inbox = await Inbox.on(b.nc, f"{base}.>")
+    name = unique()
+    assert (await create(a, stream_body(name, f"{base}.s1", f"{base}.d1", account=b.key), b)).status == 201
+    assert (
+        await create(a, stream_body(unique(), f"{base}.m", f"{base}.marker", account=b.key), b)
+    ).status == 201
+    await a.nc.publish(f"{base}.s1", b"one")
+    await eventually(lambda: b"one" in inbox.payloads)
+
+    reply = await update(a, stream_body(name, f"{base}.s2", f"{base}.d2", account=b.key), b)
+    assert reply.status == 200, reply.envelope
+    assert reply.body["type"] == "updated"
+    await a.nc.publish(f"{base}.s1", b"old source")  # no retry: switched when the 200 arrives
+    await a.nc.publish(f"{base}.s2", b"two")
+    await a.nc.publish(f"{base}.m", b"marker")
+    await eventually(lambda: b"marker" in inbox.payloads)
+    assert [(m.subject, m.data) for m in inbox.messages] == [
+        (f"{base}.d1", b"one"),
+        (f"{base}.d2", b"two"),
+        (f"{base}.marker", b"marker"),
+    ]
+    exported = {e["subject"] for e in (await current_claims(system_nc, a.key))["exports"]}
+    assert exported == {f"{base}.s2", f"{base}.m"}  # the old export went once the import switched
+    imported = {i.get("local_subject") for i in (await current_claims(system_nc, b.key))["imports"]}
+    assert f"{base}.d1" not in imported
+    assert f"{base}.d2" in imported
+
+
+async def test_an_update_may_move_the_import_to_another_account(
+    service: Api, tenants: list[Tenant], system_nc: Client
+) -> None:
+    a, b, c = tenants
+    base = unique("move")
+    in_b, in_c = await Inbox.on(b.nc, f"{base}.d"), await Inbox.on(c.nc, f"{base}.d")
+    name = unique()
+    assert (await create(a, stream_body(name, f"{base}.s", f"{base}.d", account=b.key), b)).status == 201
+    reply = await update(a, stream_body(name, f"{base}.s", f"{base}.d", account=c.key), c)
+    assert reply.status == 200, reply.envelope
+    await a.nc.publish(f"{base}.s", b"moved")
+    await eventually(lambda: b"moved" in in_c.payloads)
+    assert all(i["account"] != a.key for i in (await current_claims(system_nc, b.key)).get("imports", []))
+    assert in_b.payloads == []
+
+
+async def test_a_disabled_trigger_has_no_pair_and_enabling_restores_it(
+    service: Api, tenants: list[Tenant], system_nc: Client
+) -> None:
+    a, b, _ = tenants
+    base = unique("off")
+    inbox = await Inbox.on(b.nc, f"{base}.>")
+    name = unique()
+    assert (await create(a, stream_body(name, f"{base}.s", f"{base}.d", account=b.key), b)).status == 201
+    assert (
+        await create(a, stream_body(unique(), f"{base}.m", f"{base}.marker", account=b.key), b)
+    ).status == 201
+
+    off = await patch(a, name, False)
+    assert off.status == 200, off.envelope
+    assert {e["subject"] for e in (await current_claims(system_nc, a.key))["exports"]} == {f"{base}.m"}
+    await a.nc.publish(f"{base}.s", b"while disabled")
+    await a.nc.publish(f"{base}.m", b"marker")
+    await eventually(lambda: b"marker" in inbox.payloads)
+
+    on = await patch(a, name, True)
+    assert on.status == 200, on.envelope
+    await a.nc.publish(f"{base}.s", b"enabled")  # no retry: live when the 200 arrives
+    await eventually(lambda: b"enabled" in inbox.payloads)
+    assert inbox.payloads == [b"marker", b"enabled"]
+
+
 async def test_a_restarted_service_re_pushes_the_current_jwts(
     operator: Operator, tenants: list[Tenant], system_nc: Client
 ) -> None:

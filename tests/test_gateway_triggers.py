@@ -536,3 +536,159 @@ async def test_routes_keep_following_the_bucket_across_a_nats_restart(tmp_path, 
         await client.drain()
     finally:
         server.stop()
+
+
+# --- updates and enable/disable ----------------------------------------------------------------
+
+
+async def update(nc: Client, name: str, method: str, path: str, **mapping: Any) -> dict[str, Any]:
+    """Replace a gateway trigger's configuration over NATS; return the new record."""
+    reply = await request(
+        nc, f"ms.trigger.update.gateway.{name}", gateway_request(name, method, path, **mapping)
+    )
+    assert reply.status == 200, reply.envelope
+    body: dict[str, Any] = reply.body
+    return body
+
+
+async def on_every_sidecar(
+    check: Callable[[str], Awaitable[bool]], urls: list[str], within: float = 1.0
+) -> None:
+    """Return once `check(url)` holds on every sidecar, all within `within` seconds from now."""
+    start = time.monotonic()
+    for url in urls:
+
+        async def holds(url: str = url) -> bool:
+            return await check(url)
+
+        await eventually(holds, timeout=max(0.01, within - (time.monotonic() - start)))
+
+
+@contextlib.asynccontextmanager
+async def hammering(
+    http: aiohttp.ClientSession, urls: list[str], method: str, path: str
+) -> AsyncIterator[Counter[int]]:
+    """Requests (with a token) to one route on every sidecar, one after another, while inside;
+    yields the count of every status seen."""
+    statuses: Counter[int] = Counter()
+
+    async def run(url: str) -> None:
+        while True:
+            statuses[(await call(http, method, url, headers=bearer())).status] += 1
+
+    tasks = [asyncio.create_task(run(url + path)) for url in urls]
+    try:
+        yield statuses
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_change_of_split_limit_or_is_public_applies_on_every_sidecar_within_a_second(
+    nc, settings, http
+):
+    name, path = unique(), f"/{unique('p')}"
+    async with sidecar(settings) as first, sidecar(settings) as second:
+        urls = [first, second]
+        trigger = await create(nc, name, "GET", path, is_public=True)
+        subject = trigger["gateway_mapping_subject"]
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(msg.subject.removeprefix(subject).encode() or b"-")
+
+        await respond(nc, f"{subject}.>", answer)
+        await respond(nc, subject, answer)
+
+        async def body_is(url: str, body: bytes) -> bool:
+            return (await call(http, "GET", url + path)).body == body
+
+        await on_every_sidecar(lambda url: body_is(url, b"-"), urls)
+        async with hammering(http, urls, "GET", path) as statuses:
+            await update(nc, name, "GET", path, is_public=True, traffic_distribution={"v2": 100})
+            await on_every_sidecar(lambda url: body_is(url, b".v2"), urls)
+
+            await update(nc, name, "GET", path, is_public=False, traffic_distribution={"v2": 100})
+            await on_every_sidecar(lambda url: served(http, "GET", url + path, 401), urls)
+
+            limit = {"request": 1, "time": 60_000}
+            await update(nc, name, "GET", path, traffic_distribution={"v2": 100}, limit=limit)
+            await on_every_sidecar(lambda url: served(http, "GET", url + path, 429, headers=bearer()), urls)
+    assert statuses[200] > 0
+    assert set(statuses) <= {200, 429}, statuses  # never a 404 or a 5xx while the route changed
+
+
+async def test_a_change_of_timeout_applies_on_every_sidecar_within_a_second(nc, settings, http):
+    name, path = unique(), f"/{unique('p')}"
+    async with sidecar(settings) as first, sidecar(settings) as second:
+        urls = [first, second]
+        trigger = await create(nc, name, "POST", path, is_public=True, timeout=2000)
+
+        async def slow(msg: Msg) -> None:
+            await asyncio.sleep(0.3)
+            await msg.respond(b"late")
+
+        await respond(nc, trigger["gateway_mapping_subject"], slow)
+        await on_every_sidecar(lambda url: served(http, "POST", url + path, 200), urls)
+        await update(nc, name, "POST", path, is_public=True, timeout=100)
+        await on_every_sidecar(lambda url: served(http, "POST", url + path, 504), urls)
+        await update(nc, name, "POST", path, is_public=True, timeout=2000)
+        await on_every_sidecar(lambda url: served(http, "POST", url + path, 200), urls)
+
+
+async def test_an_update_that_keeps_the_limit_keeps_its_window(nc, gateway_url, http):
+    name, path = unique(), f"/{unique('p')}"
+    trigger = await create(nc, name, "GET", path, is_public=True, limit={"request": 1, "time": 60_000})
+    await respond(nc, trigger["gateway_mapping_subject"], replying(nc))
+    await eventually(lambda: served(http, "GET", gateway_url + path, 429), timeout=1.0)
+    await update(nc, name, "GET", path, is_public=True, limit={"request": 1, "time": 60_000}, timeout=5000)
+    await update(nc, name, "GET", path, is_public=True, limit={"request": 1, "time": 60_000}, timeout=6000)
+    # Still limited: the window was not reset by an update that did not change it.
+    for _ in range(5):
+        assert (await call(http, "GET", gateway_url + path)).status == 429
+
+
+async def test_a_change_of_path_moves_the_route(nc, gateway_url, http):
+    name, old, new = unique(), f"/{unique('p')}", f"/{unique('p')}"
+    trigger = await create(nc, name, "GET", old, is_public=True)
+    await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"moved"))
+    await eventually(lambda: served(http, "GET", gateway_url + old, 200), timeout=1.0)
+
+    await update(nc, name, "GET", new, is_public=True)
+    await eventually(lambda: served(http, "GET", gateway_url + new, 200), timeout=1.0)
+    assert (await call(http, "GET", gateway_url + old)).status == 404
+    # The old path is free: another trigger takes it and is served there.
+    other = await create(nc, unique(), "GET", old, is_public=True)
+    await respond(nc, other["gateway_mapping_subject"], replying(nc, b"other"))
+
+    async def answers_other() -> bool:
+        return (await call(http, "GET", gateway_url + old)).body == b"other"
+
+    await eventually(answers_other, timeout=1.0)
+    assert (await call(http, "GET", gateway_url + new)).body == b"moved"
+
+
+async def test_a_disabled_gateway_trigger_answers_503_and_keeps_its_route(nc, gateway_url, http):
+    name, path = unique(), f"/{unique('p')}"
+    trigger = await create(nc, name, "GET", path)
+    await respond(nc, trigger["gateway_mapping_subject"], replying(nc, b"on"))
+    url = gateway_url + path
+    await eventually(lambda: served(http, "GET", url, 200, headers=bearer()), timeout=1.0)
+    async with hammering(http, [gateway_url], "GET", path) as statuses:
+        reply = await request(nc, f"ms.trigger.patch.gateway.{name}", {"enabled": False})
+        assert reply.status == 200, reply.envelope
+        await eventually(lambda: served(http, "GET", url, 503, headers=bearer()), timeout=1.0)
+        disabled = await call(http, "GET", url, headers=bearer())
+        assert disabled.json() == {
+            "error": f"Service unavailable: gateway trigger {name!r} for GET {path} is disabled",
+            "status_code": 503,
+        }
+        assert (await call(http, "GET", url)).status == 401  # authentication first, as ever
+        other = gateway_request(unique(), "GET", path)
+        taken = await request(nc, "ms.trigger.create.gateway", other, account="b")
+        assert taken.status == 409, taken.envelope  # nobody takes the path meanwhile
+
+        reply = await request(nc, f"ms.trigger.patch.gateway.{name}", {"enabled": True})
+        assert reply.status == 200, reply.envelope
+        await eventually(lambda: served(http, "GET", url, 200, headers=bearer()), timeout=1.0)
+    assert set(statuses) <= {200, 503}, statuses  # never a 404 while it was switched off and on

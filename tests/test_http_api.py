@@ -125,6 +125,134 @@ async def test_healthz_and_openapi(http: aiohttp.ClientSession, gateway_url: str
     assert spec.envelope == msgspec.json.decode(msgspec.json.encode(document("ms.trigger")))
 
 
+# --- update, enable and disable over HTTP ----------------------------------------------------
+
+
+async def test_put_and_patch_are_compare_and_set_on_the_etag(
+    http: aiohttp.ClientSession, gateway_url: str
+) -> None:
+    """GET's ETag is the revision; PUT and PATCH take it as If-Match (quoted or not) and answer a
+    new ETag; a stale If-Match is 412 and changes nothing."""
+    name = unique()
+    url = f"{gateway_url}/trigger/triggers/stream/{name}"
+    created = await call(
+        http, "POST", f"{gateway_url}/trigger/stream", json=stream_request(name, "e.a", "e.b")
+    )
+    assert created.status == 201, created.envelope
+    got = await call(http, "GET", url)
+    etag = got.headers["ETag"]
+    assert etag == f'"{created.body["revision"]}"'
+
+    put = await call(http, "PUT", url, json=stream_request(name, "e.a", "e.c"), headers={"If-Match": etag})
+    assert put.status == 200, put.envelope
+    assert put.body["type"] == "updated"
+    assert put.headers["ETag"] == f'"{put.body["revision"]}"'
+    assert put.headers["ETag"] != etag
+
+    stale = await call(http, "PUT", url, json=stream_request(name, "e.a", "e.d"), headers={"If-Match": etag})
+    assert stale.status == 412, stale.envelope
+    assert stale.envelope["error"].startswith("Precondition failed: ")
+    assert "ETag" not in stale.headers
+    stale_patch = await call(http, "PATCH", url, json={"enabled": False}, headers={"If-Match": etag})
+    assert stale_patch.status == 412, stale_patch.envelope
+    # The revision in the body is the NATS way: stale there is a 409, over HTTP too.
+    in_body = await call(http, "PATCH", url, json={"enabled": False, "revision": created.body["revision"]})
+    assert in_body.status == 409, in_body.envelope
+    assert (await call(http, "GET", url)).body == put.body
+
+    unquoted = put.headers["ETag"].strip('"')
+    patched = await call(http, "PATCH", url, json={"enabled": False}, headers={"If-Match": unquoted})
+    assert patched.status == 200, patched.envelope
+    assert patched.body["enabled"] is False
+    assert patched.headers["ETag"] == f'"{patched.body["revision"]}"'
+    anything = await call(http, "PATCH", url, json={"enabled": True}, headers={"If-Match": "*"})
+    assert anything.status == 200, anything.envelope
+    latest = await call(http, "PUT", url, json=stream_request(name, "e.a", "e.f"))
+    assert latest.status == 200, latest.envelope
+
+    history = await call(http, "GET", f"{url}/history")
+    assert [entry["type"] for entry in history.body["results"]] == [
+        "created",
+        "updated",
+        "updated",
+        "updated",
+        "updated",
+    ]
+
+
+@pytest.mark.parametrize("if_match", ['W/"1"', '"1", "2"', "abc", '"0"', ""])
+async def test_an_if_match_that_is_no_revision_is_400(
+    http: aiohttp.ClientSession, gateway_url: str, if_match: str
+) -> None:
+    name = unique()
+    assert (
+        await call(http, "POST", f"{gateway_url}/trigger/stream", json=stream_request(name, "q.a", "q.b"))
+    ).status == 201
+    url = f"{gateway_url}/trigger/triggers/stream/{name}"
+    reply = await call(http, "PATCH", url, json={"enabled": False}, headers={"If-Match": if_match})
+    assert reply.status == 400, reply.envelope
+    assert "If-Match" in reply.envelope["error"]
+
+
+async def test_an_if_match_that_is_not_utf8_is_400_not_500(
+    http: aiohttp.ClientSession, gateway_url: str
+) -> None:
+    """A header byte that is no UTF-8 (aiohttp reads it as a surrogate) can never travel over NATS."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"PATCH /trigger/triggers/stream/abc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + token().encode() + b'\r\nIf-Match: "1\xe9"\r\n'
+            b'Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{"enabled": true}'
+        )
+        answer = await asyncio.wait_for(reader.read(), timeout=5.0)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request", answer
+    assert b"If-Match" in rest
+
+
+async def test_put_and_patch_of_a_missing_trigger_are_404(
+    http: aiohttp.ClientSession, gateway_url: str
+) -> None:
+    name = unique()
+    url = f"{gateway_url}/trigger/triggers/gateway/{name}"
+    put = await call(http, "PUT", url, json=gateway_request(name, "GET", f"/{name}"))
+    patch = await call(http, "PATCH", url, json={"enabled": True})
+    assert (put.status, patch.status) == (404, 404)
+
+
+async def test_list_takes_enabled_as_a_query_parameter(http: aiohttp.ClientSession, gateway_url: str) -> None:
+    account = unique("acct")
+    names = sorted(unique() for _ in range(2))
+    for name, enabled in zip(names, (True, False), strict=True):
+        body = stream_request(name, f"{name}.a", f"{name}.b", enabled=enabled)
+        reply = await call(http, "POST", f"{gateway_url}/trigger/stream", json=body, account=account)
+        assert reply.status == 201, reply.envelope
+    url = f"{gateway_url}/trigger/triggers"
+    for value, expected in (("true", names[:1]), ("false", names[1:])):
+        params = {"subject_pattern": "ms.trigger.>", "enabled": value}
+        listed = await call(http, "GET", url, params=params, account=account)
+        assert listed.status == 200, listed.envelope
+        assert [r["name"] for r in listed.body["results"]] == expected
+    bad = await call(
+        http, "GET", url, params={"subject_pattern": "ms.trigger.>", "enabled": "1"}, account=account
+    )
+    assert bad.status == 400, bad.envelope
+
+
+async def test_a_retried_create_over_http_is_409_with_the_live_record(
+    http: aiohttp.ClientSession, gateway_url: str
+) -> None:
+    body = gateway_request(unique(), "GET", f"/{unique('p')}")
+    created = await call(http, "POST", f"{gateway_url}/trigger/gateway", json=body)
+    again = await call(http, "POST", f"{gateway_url}/trigger/gateway", json=body)
+    assert again.status == 409, again.envelope
+    assert again.body == {"same": True, "record": created.body}
+
+
 # --- status mapping --------------------------------------------------------------------------
 
 
@@ -201,8 +329,8 @@ async def test_wrong_method_on_a_known_path_is_405(http: aiohttp.ClientSession, 
     assert reply.status == 405
     assert reply.headers["Allow"] == "POST"
     assert reply.envelope["error"].startswith("Method not allowed: ")
-    on_item = await call(http, "PUT", f"{gateway_url}/trigger/triggers/stream/abc")
-    assert (on_item.status, on_item.headers["Allow"]) == (405, "DELETE, GET")
+    on_item = await call(http, "POST", f"{gateway_url}/trigger/triggers/stream/abc")
+    assert (on_item.status, on_item.headers["Allow"]) == (405, "DELETE, GET, PATCH, PUT")
 
 
 async def test_body_over_one_mebibyte_is_413_without_forwarding(

@@ -29,12 +29,16 @@ async def test_micro_discovery_lists_every_endpoint(nc, settings):
         "ms.trigger.create.stream",
         "ms.trigger.create.gateway",
         "ms.trigger.get.*.*",
+        "ms.trigger.update.*.*",
+        "ms.trigger.patch.*.*",
         "ms.trigger.list",
         "ms.trigger.delete.*.*",
         "ms.trigger.history.*.*",
     }
     assert endpoints["get"]["metadata"]["http"] == "GET /trigger/triggers/{type}/{name}"
     assert endpoints["create-stream"]["metadata"]["http"] == "POST /trigger/stream"
+    assert endpoints["update"]["metadata"]["http"] == "PUT /trigger/triggers/{type}/{name}"
+    assert endpoints["patch"]["metadata"]["http"] == "PATCH /trigger/triggers/{type}/{name}"
     ping = json.loads((await nc.request("$SRV.PING.trigger-service", b"", timeout=2)).data)
     assert ping["name"] == "trigger-service"
 
@@ -221,7 +225,7 @@ async def test_sigterm_drains_requests_in_flight(nats_server, nc):
     kv = await nc.jetstream().key_value(bucket)
     for r in acknowledged:
         entry = await kv.get(f"acme.stream.{r.body['name']}")
-        assert msgspec.json.decode(entry.value) == r.body
+        assert {**msgspec.json.decode(entry.value), "revision": entry.revision} == r.body
 
 
 async def test_unreachable_nats_is_retried_and_sigterm_still_stops_the_start_up(tmp_path):

@@ -111,3 +111,36 @@ def _refs(node: object) -> list[str]:
     if isinstance(node, list):
         return [ref for value in node for ref in _refs(value)]
     return []
+
+
+def test_document_has_update_and_patch_with_if_match_etag_and_412() -> None:
+    """PUT and PATCH on a trigger: their bodies, `If-Match`, the `ETag` of every reply with one
+    record, 409 and 412; a create's 409 may carry the live trigger."""
+    item = DOCUMENT["paths"]["/trigger/triggers/{type}/{name}"]
+    put, patch, get = item["put"], item["patch"], item["get"]
+    assert put["x-nats-subject"] == "ms.trigger.update.*.*"
+    assert patch["x-nats-subject"] == "ms.trigger.patch.*.*"
+    assert put["requestBody"]["content"]["application/json"]["schema"] == {
+        "anyOf": [
+            {"$ref": "#/components/schemas/StreamTriggerUpdate"},
+            {"$ref": "#/components/schemas/GatewayTriggerUpdate"},
+        ]
+    }
+    assert patch["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/EnabledPatch"
+    }
+    for operation in (put, patch):
+        assert {"404", "409", "412"} <= set(operation["responses"])
+        assert any(p["name"] == "If-Match" and p["in"] == "header" for p in operation["parameters"])
+    for operation in (put, patch, get):
+        assert operation["responses"]["200"]["headers"]["ETag"]["required"] is True
+    schemas = DOCUMENT["components"]["schemas"]
+    assert "revision" in schemas["StreamTriggerUpdate"]["properties"]
+    assert "enabled" in schemas["StreamTriggerRequest"]["properties"]
+    assert {"revision", "enabled", "updated_at"} <= set(schemas["StreamTrigger"]["properties"])
+    conflict = DOCUMENT["paths"]["/trigger/stream"]["post"]["responses"]["409"]
+    assert {"$ref": "#/components/schemas/ExistsReply"} in conflict["content"]["application/json"]["schema"][
+        "anyOf"
+    ]
+    list_parameters = {p["name"]: p for p in DOCUMENT["paths"]["/trigger/triggers"]["get"]["parameters"]}
+    assert list_parameters["enabled"]["schema"]["type"] == "boolean"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -425,3 +426,135 @@ async def test_carrier_applies_events_by_revision_and_never_revives_a_deleted_ro
         await settle(nc, source, new, witness)
     assert old.payloads == [b"once"]
     assert new.payloads == [b"new", b"sentinel"]
+
+
+# --- updates and enable/disable --------------------------------------------------------------
+
+
+async def update(nc: Client, name: str, source: str, target: str, prefix: str = "ms.trigger") -> None:
+    reply = await request(nc, f"{prefix}.update.stream.{name}", stream_request(name, source, target))
+    assert reply.status == 200, reply.envelope
+
+
+async def patch(nc: Client, name: str, enabled: bool, prefix: str = "ms.trigger") -> None:
+    reply = await request(nc, f"{prefix}.patch.stream.{name}", {"enabled": enabled})
+    assert reply.status == 200, reply.envelope
+
+
+@pytest.mark.parametrize("replicas", [2, 1])
+async def test_an_update_under_load_delivers_every_message_exactly_once(nc, settings, replicas):
+    """6,000 numbered messages at a steady 10,000 a second, the target changed after the first
+    1,000: every number arrives once, on the old target or the new one, none lost, none twice.
+
+    The rate is what makes the switch visible: with two replicas, a new queue group per revision
+    doubles what is published while one replica has switched and the other not yet (a millisecond
+    or two); with one, stopping the old subscription before the new one is up loses what is
+    published meanwhile."""
+    source, first = subjects()
+    second = f"{first}.new"
+    old, new = await Inbox.on(nc, first), await Inbox.on(nc, second)
+    total, batch, rate = 6000, 10, 10_000
+    async with running(settings):
+        name = await created(nc, source, first)
+        async with contextlib.AsyncExitStack() as more:
+            for _ in range(replicas - 1):  # each starts once the trigger is live in it: all carry it
+                await more.enter_async_context(running(settings))
+            updating: asyncio.Task[None] | None = None
+            started = time.monotonic()
+            for start in range(0, total, batch):
+                for i in range(start, start + batch):
+                    await nc.publish(source, str(i).encode())
+                if start == 1000:
+                    updating = asyncio.create_task(update(nc, name, source, second))
+                # Steady: batch by batch on a schedule of `rate` messages a second.
+                await asyncio.sleep(max(0.0, started + (start + batch) / rate - time.monotonic()))
+            await nc.flush()
+            assert updating is not None
+            await updating
+
+            def numbers() -> list[bytes]:
+                return [p for p in old.payloads + new.payloads if p != b"sentinel"]
+
+            with contextlib.suppress(AssertionError):  # lost messages: the assertion below says which
+                await eventually(lambda: len(numbers()) >= total, timeout=10)
+            await settle(nc, source, new)  # anything still on its way has arrived
+    received = sorted(int(p) for p in numbers())
+    assert received == list(range(total)), (len(received), len(set(received)))
+    assert old.payloads, "the switch happened while messages flowed"
+    assert new.payloads, "the switch happened while messages flowed"
+    assert b"sentinel" not in old.payloads
+
+
+@pytest.mark.usefixtures("service")
+async def test_an_update_of_the_source_carries_from_the_new_source_only(nc):
+    base = unique("u")
+    inbox = await Inbox.on(nc, f"{base}.dst")
+    name = await created(nc, f"{base}.one", f"{base}.dst")
+    await update(nc, name, f"{base}.two", f"{base}.dst")
+    await nc.publish(f"{base}.one", b"old source")
+    await nc.publish(f"{base}.two", b"new source")
+    await inbox.wait_for(b"new source")
+    await settle(nc, f"{base}.two", inbox)
+    assert inbox.payloads == [b"new source", b"sentinel"]
+
+
+@pytest.mark.usefixtures("service")
+async def test_an_update_that_changes_a_stream_route_into_a_service_route(nc):
+    source, destination = subjects()
+    seen = await responder(nc, source, replies=1)
+    name = await created(nc, source, destination)
+    body = stream_request(name, source, destination)
+    body["source"]["type"] = body["target"]["type"] = "service"
+    reply = await request(nc, f"ms.trigger.update.stream.{name}", body)
+    assert reply.status == 200, reply.envelope
+    answer = await nc.request(destination, b"q", timeout=2)
+    assert answer.data == b"q:0"
+    assert [m.subject for m in seen] == [source]
+
+
+async def test_disable_and_enable_through_one_replica_apply_in_another_within_a_second(nc, settings):
+    source, destination = subjects()
+    inbox, witness = await Inbox.on(nc, destination), await Inbox.on(nc, f"{destination}.witness")
+    async with running(settings):
+        async with running(other_replica(settings)):
+            name = await created(nc, source, destination)
+            await patch(nc, name, False, prefix=OTHER)
+            # Created after the disable: the remaining replica applies the bucket's changes in order,
+            # so once it carries the witness it has stopped the disabled route.
+            await created(nc, source, f"{destination}.witness", prefix=OTHER)
+            started = time.monotonic()
+        await carried(nc, source, witness, b"probe", timeout=1.0 - (time.monotonic() - started))
+        during = [f"disabled {i}".encode() for i in range(20)]
+        for payload in during:
+            await nc.publish(source, payload)
+        await witness.wait_for(*during)
+        async with running(other_replica(settings)):
+            await patch(nc, name, True, prefix=OTHER)
+            started = time.monotonic()
+        await carried(nc, source, inbox, b"enabled", timeout=1.0 - (time.monotonic() - started))
+    assert not set(inbox.payloads) & set(during)
+
+
+async def test_carrier_switches_an_updated_route_and_never_revives_an_older_revision(nc, settings):
+    source, destination = subjects()
+    old, new, witness = [await Inbox.on(nc, f"{destination}.{i}") for i in ("old", "new", "witness")]
+    store = await TriggerStore.open(nc, settings.bucket)
+    first = stream_trigger(source, f"{destination}.old")
+    second = msgspec.structs.replace(
+        first, target=TriggerTarget(subject=f"{destination}.new"), type="updated"
+    )
+    off = msgspec.structs.replace(second, enabled=False)
+    async with SubscriptionCarrier(settings, store, connect) as carrier:
+        await carrier.activate("acme.stream.witness", 1, stream_trigger(source, f"{destination}.witness"))
+        await carrier.activate("acme.stream.x", 5, first)
+        await carrier.activate("acme.stream.x", 6, second)
+        await carrier.activate("acme.stream.x", 5, first)  # the older revision, late
+        await nc.publish(source, b"updated")
+        await settle(nc, source, new, witness)
+        await carrier.activate("acme.stream.x", 7, off)
+        await carrier.activate("acme.stream.x", 6, second)  # the enabled revision, late
+        await nc.publish(source, b"disabled")
+        await witness.wait_for(b"disabled")
+        await settle(nc, source, witness)
+    assert old.payloads == []
+    assert new.payloads == [b"updated", b"sentinel"]

@@ -6,6 +6,13 @@ Every change of an account's claims is a compare-and-set on its record in the bu
 push the record is read again: when another writer moved it on meanwhile, its newer JWT is
 pushed too, so the JWT the servers hold last is always the record's latest, whatever the order
 in which concurrent pushes arrived (nats-server applies any pushed JWT, older `iat` or not).
+
+An update changes the pair in an order that never leaves the route with both or neither for
+longer than one push: the new export is added beside the old one (an export alone carries
+nothing), then the import is replaced in one push of the target account (old out, new in, in one
+JWT), then the old export goes. When the target account itself changes, the new account's import
+comes first and the old one's goes next (two accounts cannot change in one push): for the moment
+between the two pushes both receive. A disabled trigger has neither export nor import.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class AccountsCarrier:
         self.store = store
         self._system: SystemAccount | None = None
         self._known: dict[str, StreamTrigger] = {}
+        self._revisions: dict[str, int] = {}  # key -> the revision of the record in `_known`
         self._following = contextlib.AsyncExitStack()
         self._loaded = False  # the start-up reconciliation is done: changes are carried as they come
         self._stopping = False
@@ -104,9 +112,15 @@ class AccountsCarrier:
         if target != source and not await self._exists(target):
             raise BadRequest(f"NATS knows no account {target} - at `$.target.account`")
 
-    async def activate(self, key: str, revision: int, trigger: StreamTrigger) -> None:
-        """Push the export, then the import; return once the servers applied both."""
-        await self._ensure(key, trigger, always_push=True)
+    async def activate(
+        self, key: str, revision: int, trigger: StreamTrigger, previous: StreamTrigger | None = None
+    ) -> None:
+        """Push the export, then the import (switching from `previous`, an update's configuration
+        before); return once the servers applied both. Disabled: remove both, as a delete does."""
+        if trigger.enabled:
+            await self._ensure(key, trigger, always_push=True, revision=revision, previous=previous)
+        else:
+            await self._remove(key, trigger, always_push=True, revision=revision, previous=previous)
 
     async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
         """Push the JWTs without the import, then without the export; return once applied."""
@@ -114,13 +128,34 @@ class AccountsCarrier:
 
     # --- pairs -------------------------------------------------------------------------------
 
-    async def _ensure(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
-        source, target = c.accounts_of(split_key(key)[0], trigger)
-        export = c.Entry(trigger.created_at, c.export_of(trigger))
-        imported = c.Entry(trigger.created_at, c.import_of(source, trigger))
+    async def _ensure(
+        self,
+        key: str,
+        trigger: StreamTrigger,
+        *,
+        always_push: bool,
+        revision: int = 0,
+        previous: StreamTrigger | None = None,
+    ) -> None:
+        """Put the trigger's export and import, the export first; `previous` is the configuration
+        an update replaces (switched from without a moment of neither, see the module)."""
+        owner = split_key(key)[0]
+        source, target = c.accounts_of(owner, trigger)
+        export = c.Entry(trigger.created_at, c.export_of(trigger), revision)
+        imported = c.Entry(trigger.created_at, c.import_of(source, trigger), revision)
+        was = previous if previous is not None and previous.enabled else None
+        if was is not None and was.created_at != trigger.created_at:
+            was = None
+        old_target = c.accounts_of(owner, was)[1] if was is not None else target
+        old_export = c.export_of(was) if was is not None else export.claim
+        # The old export stays while an old import may still use it, unless one push changes both.
+        keep_old = old_export != export.claim and not (source == target == old_target)
+        side = _side_key(key)
 
         def put_export(record: c.AccountRecord) -> bool:
             changed = record.put("exports", key, export)
+            if keep_old:
+                changed |= record.put("exports", side, c.Entry(trigger.created_at, old_export, revision))
             if target == source:  # a route within one account: it imports its own export
                 changed |= record.put("imports", key, imported)
             return changed
@@ -134,19 +169,39 @@ class AccountsCarrier:
                 touched.append(account)
                 await self._update(account, mutate, always_push)
         except Exception:
-            for account in reversed(touched):  # leave no half pair behind, the import first
-                try:
-                    rollback = _dropper(key, trigger.created_at, remember=False)
-                    await self._update(account, rollback, False, create=False)
-                except Exception:
-                    _log.exception("could not roll back a half pair", key=key, account=account)
+            if was is None:  # a new pair: leave no half of it behind (an update's caller restores it)
+                for account in reversed(touched):  # the import first
+                    try:
+                        rollback = _dropper(key, trigger.created_at, remember=False)
+                        await self._update(account, rollback, False, create=False)
+                    except Exception:
+                        _log.exception("could not roll back a half pair", key=key, account=account)
             raise
+        if old_target != target:  # moved to another account: the old import goes once the new is in
+            drop_import = _import_dropper(key, trigger.created_at, revision)
+            await self._update(old_target, drop_import, always_push, create=False)
+        if keep_old:
+            await self._update(source, _side_dropper(side), always_push, create=False)
 
-    async def _remove(self, key: str, trigger: StreamTrigger, *, always_push: bool) -> None:
-        source, target = c.accounts_of(split_key(key)[0], trigger)
-        drop = _dropper(key, trigger.created_at)
-        if target != source:
-            await self._update(target, drop, always_push, create=False)  # the import first
+    async def _remove(
+        self,
+        key: str,
+        trigger: StreamTrigger,
+        *,
+        always_push: bool,
+        revision: int = 0,
+        previous: StreamTrigger | None = None,
+    ) -> None:
+        """Remove the trigger's import, then its export: for good (deleted), or, with `revision`,
+        until a later revision enables it again (disabled)."""
+        owner = split_key(key)[0]
+        source, target = c.accounts_of(owner, trigger)
+        targets = {target}
+        if previous is not None:
+            targets.add(c.accounts_of(owner, previous)[1])
+        drop = _dropper(key, trigger.created_at, remember=not revision, revision=revision)
+        for account in sorted(targets - {source}):
+            await self._update(account, drop, always_push, create=False)  # the import first
         await self._update(source, drop, always_push, create=False)
 
     def _check_account(self, account: str, what: str, where: str) -> None:
@@ -268,12 +323,24 @@ class AccountsCarrier:
         try:
             if isinstance(record, StreamTrigger):
                 self._known[key] = record
+                self._revisions[key] = change.revision
+                if not self._loaded:
+                    return
                 # Decided from the key's newest revision, not from this (maybe late) event.
-                if self._loaded and await self._is_live(key, record.created_at):
-                    if previous is not None and previous.created_at != record.created_at:
-                        await self._remove(key, previous, always_push=False)
-                    await self._ensure(key, record, always_push=False)
+                newest = await self._newest(key)
+                if newest is None or newest[0].created_at != record.created_at:
+                    return  # deleted since, or created anew: that change's own event carries it
+                current, revision = newest
+                if previous is not None and previous.created_at != current.created_at:
+                    await self._remove(key, previous, always_push=False)
+                    previous = None
+                self._known[key], self._revisions[key] = current, revision
+                if current.enabled:
+                    await self._ensure(key, current, always_push=False, revision=revision, previous=previous)
+                else:
+                    await self._remove(key, current, always_push=False, revision=revision, previous=previous)
             elif previous is not None:
+                self._revisions.pop(key, None)
                 await self._remove(key, previous, always_push=False)
         except Exception as exc:  # the request that made the change reports its own failure
             _log.info("follower could not apply a change", key=key, error=str(exc))
@@ -289,20 +356,22 @@ class AccountsCarrier:
             if not raw:
                 continue
             record = c.decode_record(raw)
-            stale = {
-                (kind, key, entry.created_at)
-                for kind in ("exports", "imports")
-                for key, entry in getattr(record, kind).items()
-                if not await self._is_live(key, entry.created_at)
-            }
+            stale: list[tuple[str, str, c.Entry, bool]] = []
+            for kind in ("exports", "imports"):
+                for key, entry in getattr(record, kind).items():
+                    needed, gone = await self._needed(key, record.account, kind, entry)
+                    if not needed:  # an update's old export left behind is no incarnation to remember
+                        stale.append((kind, key, entry, gone and key != _side_key(_trigger_key(key))))
             if stale:
                 try:
                     await self._update(record.account, functools.partial(_drop_all, stale=stale), False)
                 except Exception as exc:
                     _log.warning("could not reconcile an account", account=record.account, error=str(exc))
         for key, trigger in list(self._known.items()):
+            if not trigger.enabled:
+                continue
             try:
-                await self._ensure(key, trigger, always_push=False)
+                await self._ensure(key, trigger, always_push=False, revision=self._revisions.get(key, 0))
             except Exception as exc:
                 _log.warning("live trigger could not be carried", key=key, error=str(exc))
         await self._push_all()
@@ -348,13 +417,28 @@ class AccountsCarrier:
                 _log.warning("could not check the cluster's servers", error=str(exc))
             await asyncio.sleep(MEMBERSHIP_INTERVAL)
 
-    async def _is_live(self, key: str, created_at: str) -> bool:
-        """True when the bucket holds that incarnation of the trigger, live (not what this replica saw)."""
+    async def _newest(self, key: str) -> tuple[StreamTrigger, int] | None:
+        """The live stream trigger the bucket holds at `key` now, and its revision (not what this
+        replica saw); None when there is none."""
         try:
-            record, _ = await self.store.get(key)
+            record, revision = await self.store.get(key)
         except NotFound:
-            return False
-        return record.created_at == created_at
+            return None
+        return (record, revision) if isinstance(record, StreamTrigger) else None
+
+    async def _needed(self, key: str, account: str, kind: str, entry: c.Entry) -> tuple[bool, bool]:
+        """(whether the account's `kind` entry of `key` is what the live trigger needs there now,
+        whether that incarnation of the trigger is gone for good)."""
+        newest = await self._newest(key)
+        if newest is None or newest[0].created_at != entry.created_at:
+            return False, True
+        trigger = newest[0]
+        if not trigger.enabled:
+            return False, False
+        source, target = c.accounts_of(split_key(key)[0], trigger)
+        if kind == "exports":
+            return account == source and entry.claim == c.export_of(trigger), False
+        return account == target and entry.claim == c.import_of(source, trigger), False
 
 
 async def _own_account(nc: Client) -> str:
@@ -370,16 +454,47 @@ def _unchanged(record: c.AccountRecord) -> bool:
     return False
 
 
-def _dropper(key: str, created_at: str, *, remember: bool = True) -> Mutation:
+def _side_key(key: str) -> str:
+    """Where an update keeps a trigger's old export while its import switches (no trigger's key)."""
+    return f"{key}.previous"
+
+
+def _trigger_key(key: str) -> str:
+    """The trigger key of an entry's key (itself, or the key a side key belongs to)."""
+    return ".".join(key.split(".")[:3])
+
+
+def _dropper(key: str, created_at: str, *, remember: bool = True, revision: int = 0) -> Mutation:
     def drop(record: c.AccountRecord) -> bool:
-        imports = record.drop("imports", key, created_at, remember=remember)
-        return record.drop("exports", key, created_at, remember=remember) | imports
+        imports = record.drop("imports", key, created_at, remember=remember, revision=revision)
+        side = record.drop("exports", _side_key(key), created_at, remember=False)
+        return record.drop("exports", key, created_at, remember=remember, revision=revision) | imports | side
 
     return drop
 
 
-def _drop_all(record: c.AccountRecord, stale: set[tuple[str, str, str]]) -> bool:
+def _import_dropper(key: str, created_at: str, revision: int) -> Mutation:
+    """Drop a trigger's import from an account it no longer targets (its export may stay there)."""
+
+    def drop(record: c.AccountRecord) -> bool:
+        return record.drop("imports", key, created_at, remember=False, revision=revision)
+
+    return drop
+
+
+def _side_dropper(side: str) -> Mutation:
+    def drop(record: c.AccountRecord) -> bool:
+        entry = record.exports.get(side)
+        return entry is not None and record.drop("exports", side, entry.created_at, remember=False)
+
+    return drop
+
+
+def _drop_all(record: c.AccountRecord, stale: list[tuple[str, str, c.Entry, bool]]) -> bool:
+    """Drop each stale entry that is still as it was found (a concurrent change may have renewed it);
+    remember the incarnations that are gone for good."""
     changed = False
-    for kind, key, created_at in stale:
-        changed |= record.drop(kind, key, created_at)
+    for kind, key, entry, gone in stale:
+        if getattr(record, kind).get(key) == entry:
+            changed |= record.drop(kind, key, entry.created_at, remember=gone)
     return changed

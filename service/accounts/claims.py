@@ -27,10 +27,12 @@ def record_key(account: str) -> str:
 
 
 class Entry(msgspec.Struct, frozen=True):
-    """The export or import one trigger needs; `created_at` tells incarnations of a key apart."""
+    """The export or import one trigger needs; `created_at` tells incarnations of a key apart, and
+    `revision` (the trigger's KV revision it was made from; 0 when unknown) the updates of one."""
 
     created_at: str
     claim: dict[str, Any]
+    revision: int = 0
 
 
 class AccountRecord(msgspec.Struct, kw_only=True):
@@ -43,6 +45,9 @@ class AccountRecord(msgspec.Struct, kw_only=True):
     # key -> `created_at` of the newest incarnation removed: a late event of a deleted trigger
     # (a lagging follower) can never put its entry back, whatever order the writes arrive in.
     removed: dict[str, str] = msgspec.field(default_factory=dict)
+    # key -> the newest revision of the trigger that changed its entries here (an update, a disable):
+    # a late event of an older revision (a lagging follower) never undoes a newer change.
+    revisions: dict[str, int] = msgspec.field(default_factory=dict)
     iat: int = 0
     jwt: str = ""
     pushed: list[str] = msgspec.field(default_factory=list)  # `jti`s of the JWTs it signed last
@@ -50,25 +55,41 @@ class AccountRecord(msgspec.Struct, kw_only=True):
     def put(self, kind: str, key: str, entry: Entry) -> bool:
         """Set the `kind` ("exports" or "imports") entry of a trigger; True when that changed anything.
 
-        An incarnation that was removed (or is older than one removed) is never put back.
+        An incarnation that was removed (or is older than one removed) is never put back, and
+        neither is a revision older than one that changed this account's entries of the trigger.
         """
         if self.removed.get(key, "") >= entry.created_at:
             return False
-        entries: dict[str, Entry] = getattr(self, kind)
-        if entries.get(key) == entry:
+        if entry.revision < self.revisions.get(key, 0):
             return False
+        entries: dict[str, Entry] = getattr(self, kind)
+        current = entries.get(key)
+        if current is not None and (current.created_at, current.claim) == (entry.created_at, entry.claim):
+            return False  # a newer revision that changes nothing here is no reason to push
         entries[key] = entry
+        if entry.revision:
+            self.revisions[key] = entry.revision
         return True
 
-    def drop(self, kind: str, key: str, created_at: str, *, remember: bool = True) -> bool:
+    def drop(self, kind: str, key: str, created_at: str, *, remember: bool = True, revision: int = 0) -> bool:
         """Remove a trigger's entry if it belongs to that incarnation and, with `remember` (the
-        trigger is gone, not merely rolled back), never let it back; True when anything changed."""
+        trigger is gone, not merely rolled back), never let it back; with `revision` (the trigger
+        was disabled, or moved to another account, at that revision), never let an older revision
+        back. True when anything changed."""
         changed = False
         if remember and self.removed.get(key, "") < created_at:
             self.removed[key] = created_at
             changed = True
+        if revision > self.revisions.get(key, 0):
+            self.revisions[key] = revision
+            changed = True
         entries: dict[str, Entry] = getattr(self, kind)
-        if key in entries and entries[key].created_at <= created_at:
+        entry = entries.get(key)
+        if (
+            entry is not None
+            and entry.created_at <= created_at
+            and (not revision or entry.revision <= revision)
+        ):
             del entries[key]
             changed = True
         return changed

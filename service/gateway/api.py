@@ -46,11 +46,21 @@ _PATH_PARAM = re.compile(r"{(\w+)}")
 # enough that the subject stays far below the server's control-line limit.
 _TOKEN = re.compile(r"[^\s\x00-\x1f\x7f.*>]{1,256}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
+_HEADER_TEXT = re.compile(r"[\x20-\x7e\t]{0,1024}")  # what a forwarded header value may hold
 _PING_SUBJECT = f"$SRV.PING.{SERVICE_NAME}"
 _HEADER_LINE = len(b"NATS/1.0\r\n\r\n")
 
 
+class _Revision(msgspec.Struct):
+    revision: int | None = None
+
+
 class _Envelope(msgspec.Struct):
+    status_code: int
+    body: _Revision | None = None  # a record's revision becomes the ETag
+
+
+class _Status(msgspec.Struct):
     status_code: int
 
 
@@ -60,6 +70,7 @@ class _Ping(msgspec.Struct):
 
 
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_status = msgspec.json.Decoder(_Status).decode
 _decode_ping = msgspec.json.Decoder(_Ping).decode
 
 
@@ -141,11 +152,12 @@ class TriggerApi:
                 try:
                     tokens = iter([_token(name, request.match_info[name]) for name in params])
                     target = ".".join(next(tokens) if part == "*" else part for part in subject.split("."))
+                    if_match = _if_match(request) if op.conditional else None
                     payload = await self._payload(op, request)
                 except ApiError:
                     self._auth.authenticate(request.headers, write=op.write)  # 401 before the 400
                     raise
-                return await self._request(target, payload, request)
+                return await self._request(target, payload, request, if_match, op.etag)
             except ApiError as error:
                 return error_response(error)
 
@@ -169,10 +181,14 @@ class TriggerApi:
             raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes")
         return body
 
-    async def _request(self, subject: str, payload: bytes, request: web.Request) -> web.Response:
+    async def _request(
+        self, subject: str, payload: bytes, request: web.Request, if_match: str | None, etag: bool
+    ) -> web.Response:
         headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
         if authorization := request.headers.get("Authorization"):
             headers["Authorization"] = authorization
+        if if_match is not None:
+            headers["If-Match"] = if_match  # the service reads it, and answers a stale one 412
         if len(payload) + _headers_size(headers) > self._nc.max_payload:
             raise PayloadTooLarge(
                 f"the request is over the NATS server's max payload ({self._nc.max_payload} bytes)"
@@ -192,14 +208,23 @@ class TriggerApi:
             raise PayloadTooLarge("the request is over the NATS server's max payload") from None
         except nats.errors.Error:
             raise Unavailable("not connected to NATS") from None
+        revision = None
         try:
-            status = _decode_envelope(reply.data).status_code
+            if etag:
+                envelope = _decode_envelope(reply.data)
+                status = envelope.status_code
+                revision = envelope.body.revision if envelope.body is not None else None
+            else:
+                status = _decode_status(reply.data).status_code
         except (msgspec.DecodeError, msgspec.ValidationError):
             status = 0
         if not 100 <= status <= 599:
             _log.error("reply is not an envelope", subject=subject, size=len(reply.data))
             raise Internal("the Trigger Service sent a reply that is not an envelope")
-        return web.Response(body=reply.data, status=status, content_type=JSON)
+        response = web.Response(body=reply.data, status=status, content_type=JSON)
+        if revision is not None and status < 300:
+            response.headers["ETag"] = f'"{revision}"'
+        return response
 
 
 def _not_allowed(allowed: list[str]) -> Handler:
@@ -220,13 +245,27 @@ def _token(name: str, value: str) -> str:
     return value
 
 
+def _if_match(request: web.Request) -> str | None:
+    """The request's `If-Match`, for the service to read; a 400 when NATS cannot carry it."""
+    value = request.headers.get("If-Match")
+    if value is not None and not _HEADER_TEXT.fullmatch(value):
+        raise BadRequest(
+            'header If-Match must be one entity tag as an ETag gave it ("<revision>"), or *, in '
+            "printable ASCII"
+        )
+    return value
+
+
 def _query_value(key: str, values: list[str]) -> object:
-    """A query parameter as a JSON value: `limit` as an integer when it is digits."""
+    """A query parameter as a JSON value: `limit` as an integer when it is digits, `enabled` as a
+    boolean when it is `true` or `false`."""
     if len(values) > 1:
         return values  # the service says that it wants one value
     value = values[0]
     if key == "limit" and _DIGITS.fullmatch(value):
         return int(value)
+    if key == "enabled" and value in ("true", "false"):
+        return value == "true"
     return value
 
 

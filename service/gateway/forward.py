@@ -42,7 +42,7 @@ from service.errors import (
 from service.gateway.api import malformed_body, not_connected
 from service.gateway.ratelimit import SlidingWindow
 from service.gateway.tokens import VerifiedTokens
-from service.store import Change, TriggerStore
+from service.store import Change, TriggerStore, split_key
 
 KEY_PATTERN = "*.gateway.*"
 # Never forwarded: hop-by-hop headers (RFC 9110 section 7.6.1), and the header the gateway sets
@@ -85,8 +85,10 @@ class Route:
     """One live gateway trigger, with everything the hot path needs computed once."""
 
     __slots__ = (
+        "enabled",
         "is_public",
         "key",
+        "limit",
         "limiter",
         "method",
         "path",
@@ -102,6 +104,7 @@ class Route:
         self.revision = revision
         self.method = mapping.method
         self.path = path  # canonical
+        self.enabled = trigger.enabled
         self.is_public = mapping.is_public
         self.timeout = mapping.timeout / 1000
         self.subject = trigger.gateway_mapping_subject
@@ -114,6 +117,7 @@ class Route:
                 for _ in range(percent)
             )
             self.subjects = table or None
+        self.limit = (mapping.limit.request, mapping.limit.time) if mapping.limit is not None else None
         self.limiter: SlidingWindow | None = None
         if mapping.limit is not None:
             self.limiter = SlidingWindow(mapping.limit.request, mapping.limit.time / 1000)
@@ -159,16 +163,21 @@ class GatewayRoutes:
             self._remove(change.key)
             return
         current = self._by_key.get(change.key)
-        if current is not None and current.revision == change.revision:
-            return  # the same revision again (a restarted watch): keep its rate-limit state
-        self._remove(change.key)
+        if current is not None and current.revision >= change.revision:
+            return  # the same revision again (a restarted watch), or an older one
         # Stored in canonical form since paths have one; a record from before is read in it too.
         path = paths.canonical_or_none(record.gateway_mapping.path)
         if path is None:
+            self._remove(change.key)
             _log.warning("route has no canonical path: not served", key=change.key,
                          path=record.gateway_mapping.path)  # fmt: skip
             return
         route = Route(change.key, change.revision, record, path)
+        if current is not None and current.limit == route.limit:
+            route.limiter = current.limiter  # an update that keeps the limit keeps its window
+        # No await from here on: the table changes at once, so no request sees the route missing
+        # (an update is never a 404) or half changed.
+        self._remove(change.key)
         self._by_key[route.key] = route
         self._serve(route)
         _log.debug("route added", key=route.key, method=route.method, path=route.path)
@@ -229,6 +238,10 @@ class GatewayRoutes:
                 return _error(Unauthorized("missing bearer token (Authorization: Bearer <jwt>)"), _CHALLENGE)
         else:
             account = DEFAULT_ACCOUNT
+
+        if not route.enabled:  # it keeps its route (and claim) while disabled
+            name = split_key(route.key)[2]
+            return _error(Unavailable(f"gateway trigger {name!r} for {method} {route.path} is disabled"))
 
         if down := not_connected(self._nc):  # at once, not after the route's timeout
             return _error(down)
