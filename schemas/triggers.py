@@ -201,8 +201,10 @@ class StreamTriggerRequest(Request):
 class RateLimit(Request):
     """At most `request` requests per `time` milliseconds, per route and sidecar replica."""
 
-    request: Annotated[int, Meta(ge=1)]
-    time: Annotated[int, Meta(ge=1, description="Window length in milliseconds.")]
+    request: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    time: Annotated[
+        int, Meta(ge=1, le=31_536_000_000, description="Window length in milliseconds (at most a year).")
+    ]
 
 
 class GatewayMapping(Request):

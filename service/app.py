@@ -14,7 +14,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
-from service import log, serverversion
+from service import log, natsproto, serverversion
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import Unavailable
@@ -46,6 +46,7 @@ _NOT_NOW = frozenset(
 
 async def connect(settings: Settings, name: str) -> Client:
     """A NATS connection that keeps reconnecting for as long as the process lives."""
+    natsproto.apply()
 
     async def on_error(exc: Exception) -> None:
         _log.warning("NATS connection error; retrying", connection=name, error=str(exc) or repr(exc))

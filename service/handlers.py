@@ -61,6 +61,7 @@ from service.graph import Edge, RouteGraph, edge_of
 from service.store import Change, TriggerStore, key_of, now_rfc3339, split_key
 
 TRIGGER_TYPES = ("gateway", "stream", "subject")
+SUBJECT_BYTES = 1024  # a route's SUB line must stay within nats-server's 4 KiB control line
 FOLLOW_WITHIN = 2.0  # seconds a replica may take to follow the bucket up to a route it stored
 CAS_ATTEMPTS = 3  # reads and writes of a change without a revision, while concurrent ones win
 _log = log.get("handlers")
@@ -145,6 +146,11 @@ def _check_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest) -> No
         ("target.subject", req.target.subject),
         ("target.local_subject", req.target.local_subject),
     ):
+        if subject and len(subject.encode()) > SUBJECT_BYTES:
+            raise BadRequest(
+                f"subject is {len(subject.encode())} bytes of UTF-8; at most {SUBJECT_BYTES} (a route's "
+                f"subscription must fit the NATS protocol line) - at `$.{where}`"
+            )
         if subject and (namespace := subjects.reserved_namespace(subject, ctx.settings.prefix)):
             raise BadRequest(
                 f"subject {subject!r} reaches into the reserved namespace {namespace} (the platform's "

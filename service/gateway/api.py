@@ -114,7 +114,10 @@ class TriggerApi:
         for op in OPERATIONS:
             handlers.setdefault(op.http_path, {})[op.http_method] = self._forwarder(op)
         for path, methods in handlers.items():
-            resource = router.add_resource(path)
+            # A parameter takes any characters but `/` (aiohttp's default also stops at `{` and
+            # `}`, which sent such requests past the API to the gateway routes): the handlers
+            # then refuse what is not a valid token, after authentication.
+            resource = router.add_resource(_PATH_PARAM.sub(r"{\1:[^/]+}", path))
             for method, handler in methods.items():
                 resource.add_route(method, handler, expect_handler=expect_handler)
             resource.add_route("*", _not_allowed(sorted(methods)), expect_handler=expect_handler)
