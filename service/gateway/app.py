@@ -168,7 +168,7 @@ async def _expect_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the interim response is not the response
 
 
-def _unmet_expectation(request: web.Request) -> web.Response | None:
+def _unmet_expectation(request: web.BaseRequest) -> web.Response | None:
     """417 for an `Expect` other than 100-continue (RFC 9110 section 10.1.1); HTTP/1.0 has none."""
     expect = request.headers.get(hdrs.EXPECT)
     if expect is None or request.version != HttpVersion11 or expect.lower() == "100-continue":
@@ -257,7 +257,17 @@ class _Server(web.Server):
     """aiohttp's low-level server, making `_Connection`s."""
 
     def __init__(self, app_server: web.Server) -> None:
-        super().__init__(app_server.request_handler, request_factory=app_server.request_factory)
+        handler = app_server.request_handler
+
+        async def unmet_first(request: web.BaseRequest) -> web.StreamResponse:
+            # aiohttp answers an unknown `Expect` itself, in text, for a request that matches no
+            # route (CONNECT's authority form, `OPTIONS *`) before any middleware sees it.
+            unrouted = request.method == "CONNECT" or not request.raw_path.startswith("/")
+            if unrouted and (refused := _unmet_expectation(request)):
+                return refused
+            return await handler(request)
+
+        super().__init__(unmet_first, request_factory=app_server.request_factory)
 
     def __call__(self) -> web_protocol.RequestHandler:
         """A handler for one new connection."""
