@@ -405,14 +405,21 @@ class AccountsCarrier:
         ones, until the full resolver's own sync (minutes), so a route deleted meanwhile would
         still carry data there.
         """
-        seen: set[str] = set()
+        seen: dict[str, float] = {}  # server id -> when it last answered
+        previous: set[str] = set()
         while True:
             try:
                 members = set(await self.system.members())
-                if seen and members - seen:
+                now = time.monotonic()
+                # Joined: never seen (a restarted server has a new id), or back after missing a
+                # push; one that only missed a PING window has nothing to catch up on.
+                back = members - previous
+                joined = {m for m in back if m not in seen or seen[m] < self.system.last_push}
+                if seen and joined:
                     _log.info("a server joined; pushing every account JWT again", servers=len(members))
                     await self._push_all()
-                seen = members
+                seen.update(dict.fromkeys(members, now))
+                previous = members
             except Exception as exc:
                 _log.warning("could not check the cluster's servers", error=str(exc))
             await asyncio.sleep(MEMBERSHIP_INTERVAL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class SystemAccount:
         self.trusted: frozenset[str] = frozenset()
         self.system_account = ""
         self.servers = 1
+        self.last_push = 0.0  # monotonic time of the last push every server up acknowledged
         self._accounts: frozenset[str] = frozenset()  # accounts the servers were last seen to know
 
     @classmethod
@@ -164,6 +166,7 @@ class SystemAccount:
                 raise _refusal(errors[0])
             if len(replies) >= members:
                 self.servers = members
+                self.last_push = time.monotonic()
                 return
             _log.warning(
                 "fewer servers acknowledged an account JWT than are up; pushing again",
