@@ -76,7 +76,7 @@ async def _until_answered(call) -> int:
             # The service's connection is moving to another node, or the answer came too late.
             assert time.monotonic() < deadline
             retried = True
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)  # between attempts
             continue
         if retried and reply.status == 409 and (reply.body or {}).get("same"):
             return 201

@@ -56,7 +56,7 @@ async def _settled(nc: Client, subject: str, body: Any = None, *, within: float 
             if reply.status != 503:
                 return reply
         assert time.monotonic() < deadline, f"{subject} still unavailable after {within}s"
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)  # between attempts
 
 
 def _carries(api: Api, key: str) -> bool:
@@ -182,7 +182,7 @@ async def _timed(nc: Client, subject: str, body: Any) -> tuple[Reply, float]:
             return await request(nc, subject, body, timeout=15), time.monotonic() - started
         except nats.errors.NoRespondersError:
             assert time.monotonic() < deadline, "no replica reachable"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)  # between attempts
 
 
 async def _none_of(names: set[str], stored: Any) -> bool:
