@@ -286,8 +286,16 @@ class AccountsCarrier:
         return bool(raw) or await self.system.knows(account)
 
     async def _push_latest(self, key: str, token: str, revision: int) -> None:
-        """Push `token`, then whatever newer JWT the record got meanwhile, until it holds still."""
+        """Push the record's newest JWT, until it holds still.
+
+        nats-server applies any JWT pushed to it, older or not, so a replica that pushed a JWT
+        another replica had already superseded would put back what the newer one removed: look
+        at the record right before each push and push only its newest, then look again.
+        """
         while True:
+            raw, current = await self.store.get_raw(key)
+            if raw is not None and current != revision:
+                token, revision = c.decode_record(raw).jwt, current  # superseded before we pushed
             await self.system.push(token)
             raw, current = await self.store.get_raw(key)
             if raw is None or current == revision:
