@@ -618,6 +618,9 @@ async def test_a_change_of_split_limit_or_is_public_applies_on_every_sidecar_wit
     assert set(statuses) <= {200, 429}, statuses  # never a 404 or a 5xx while the route changed
 
 
+SLOW_RESPONDER = 0.3  # seconds: over a 100 ms route timeout, well under a 2 s one
+
+
 async def test_a_change_of_timeout_applies_on_every_sidecar_within_a_second(nc, settings, http):
     name, path = unique(), f"/{unique('p')}"
     async with sidecar(settings) as first, sidecar(settings) as second:
@@ -625,7 +628,7 @@ async def test_a_change_of_timeout_applies_on_every_sidecar_within_a_second(nc, 
         trigger = await create(nc, name, "POST", path, is_public=True, timeout=2000)
 
         async def slow(msg: Msg) -> None:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(SLOW_RESPONDER)  # the behaviour under test: a responder that takes its time
             await msg.respond(b"late")
 
         await respond(nc, trigger["gateway_mapping_subject"], slow)
