@@ -7,11 +7,18 @@ subscribes in the same queue group (named after the trigger's key and its creati
 group for the whole life of one incarnation, across its updates), so NATS hands each message to
 one replica only.
 
-An update that changes the route is make-before-break on every replica: the new subscription
-joins the same queue group and is flushed to the server before the old one is drained (no longer
-given messages, and those it was given are carried). At every moment the group has a member, and
-each message goes to one member only: old or new configuration, exactly once. A disabled trigger
-has no subscription at all.
+An update that changes only where messages go keeps the subscription and switches its target in
+place: each message is carried once, by the configuration current when it is taken up. This is
+not only cheaper: a subscription replaced by another cannot promise it, because the server can
+still hand the old one a message it routed to it before the UNSUB after answering the PING behind
+that UNSUB, and the client drops a message for a subscription it has forgotten (seen: a few
+messages lost in one update out of twenty at 10,000 messages a second).
+
+An update that changes what is listened to is make-before-break on every replica: the new
+subscription joins the same queue group and is flushed to the server before the old one is
+drained. At every moment the group has a member; a message published on the old source while the
+update is under way is carried under the old configuration or, as the new one says, not at all.
+A disabled trigger has no subscription at all.
 
 The routes use a connection of their own: a burst of carried messages then never queues in
 front of the control plane's replies and KV traffic, and the data plane's flushes wait only for
@@ -50,12 +57,33 @@ PENDING_BYTES_LIMIT = 1 << 30
 _log = log.get("streams")
 
 
+class _Carry:
+    """A route's subscription callback: republish each message, in the order received, on the
+    route's current target (switched in place by an update that keeps what is listened to)."""
+
+    def __init__(self, data: Client, listen: str, deliver: str) -> None:
+        self._publish = data.publish
+        self.listen = listen
+        self.deliver = deliver
+
+    async def carry(self, msg: Msg) -> None:
+        deliver = self.deliver
+        subject = (
+            deliver if subjects.is_literal(deliver) else subjects.translate(msg.subject, self.listen, deliver)
+        )
+        try:
+            await self._publish(subject, msg.data, reply=msg.reply, headers=msg.headers)
+        except nats.errors.Error as exc:
+            _log.warning("message not carried", subject=msg.subject, deliver=subject, error=str(exc))
+
+
 @dataclass(frozen=True)
 class _Route:
     revision: int  # the newest revision applied
     incarnation: str  # the trigger's creation time: a delete and a new create make a new one
     plan: tuple[str, str] | None  # (listen, deliver), None while disabled
     subscription: Subscription | None  # None while disabled
+    carry: _Carry | None  # the subscription's callback, None while disabled
 
 
 def _plan(trigger: StreamTrigger) -> tuple[str, str]:
@@ -145,16 +173,18 @@ class SubscriptionCarrier:
                 await self._stop(key, current)
                 current = None
             if plan is None:  # disabled: nothing carried, the revision kept
-                if current is not None and current.subscription is not None:
+                if current is not None:
                     await self._stop(key, current)
-                self._routes[key] = _Route(revision, incarnation, None, None)
+                self._routes[key] = _Route(revision, incarnation, None, None, None)
                 return
-            if current is not None and current.subscription is not None and current.plan == plan:
-                self._routes[key] = _Route(revision, incarnation, plan, current.subscription)
-                return  # nothing the data plane sees has changed
-            subscription = await self._start(key, incarnation, plan)  # joins the same queue group
-            self._routes[key] = _Route(revision, incarnation, plan, subscription)
-            if current is not None and current.subscription is not None:
+            kept = current.carry if current is not None else None
+            if current is not None and kept is not None and kept.listen == plan[0]:
+                kept.deliver = plan[1]  # the same subscription: its target switched in place
+                self._routes[key] = _Route(revision, incarnation, plan, current.subscription, kept)
+                return
+            subscription, carry = await self._start(key, incarnation, plan)  # joins the same queue group
+            self._routes[key] = _Route(revision, incarnation, plan, subscription, carry)
+            if current is not None:
                 await self._drain(key, current)  # only now: the group never lacks a member
 
     async def deactivate(self, key: str, trigger: StreamTrigger) -> None:
@@ -194,14 +224,15 @@ class SubscriptionCarrier:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _start(self, key: str, incarnation: str, plan: tuple[str, str]) -> Subscription:
+    async def _start(self, key: str, incarnation: str, plan: tuple[str, str]) -> tuple[Subscription, _Carry]:
         data = self._connected()
         listen, deliver = plan
+        carry = _Carry(data, listen, deliver)
         subscription = await data.subscribe(
             listen,
             # Shared by the replicas, and by the old and new route of an update; new per incarnation.
             queue=f"{self._store.bucket}.{key}.{incarnation}",
-            cb=self._carrier(listen, deliver),
+            cb=carry.carry,
             pending_msgs_limit=PENDING_MSGS_LIMIT,
             pending_bytes_limit=PENDING_BYTES_LIMIT,
         )
@@ -213,11 +244,11 @@ class SubscriptionCarrier:
                 await subscription.unsubscribe()
             raise Unavailable("NATS did not confirm the route's subscription") from None
         _log.debug("route started", key=key, listen=listen, deliver=deliver)
-        return subscription
+        return subscription, carry
 
     async def _drain(self, key: str, route: _Route) -> None:
         """Stop the old subscription of an updated route: the server gives it nothing more, and what
-        it was given is carried (an unsubscribe would drop it: lost messages)."""
+        it was given is carried (an unsubscribe would drop it)."""
         subscription = route.subscription
         if subscription is None:
             return
@@ -242,20 +273,6 @@ class SubscriptionCarrier:
             # that did not get the UNSUB loses it with the connection.
             _log.warning("route stopped without confirmation from NATS", key=key)
         _log.debug("route stopped", key=key, revision=route.revision)
-
-    def _carrier(self, listen: str, deliver: str) -> Callable[[Msg], Awaitable[None]]:
-        """The subscription callback: republish each message, in the order received."""
-        publish = self._connected().publish
-        literal = subjects.is_literal(deliver)
-
-        async def carry(msg: Msg) -> None:
-            subject = deliver if literal else subjects.translate(msg.subject, listen, deliver)
-            try:
-                await publish(subject, msg.data, reply=msg.reply, headers=msg.headers)
-            except nats.errors.Error as exc:
-                _log.warning("message not carried", subject=msg.subject, deliver=subject, error=str(exc))
-
-        return carry
 
     def _connected(self) -> Client:
         if self._data is None:
