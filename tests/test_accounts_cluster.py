@@ -137,9 +137,12 @@ async def test_a_server_that_was_down_during_a_delete_stops_carrying_within_two_
 
         await eventually(stopped, timeout=CONVERGE_WITHIN + 3, interval=0.05)
         assert time.monotonic() - rejoined < CONVERGE_WITHIN + 1.5
-        for _ in range(10):  # and it stays stopped
+        for _ in range(10):  # and it stays stopped, while the node carries (a re-push being applied
+            # there can hold up one probe of a live route, never let one of a deleted route through)
             assert not await _carried_on(pub, sub, inbox, f"{base}.in")
-            assert await _carried_on(pub, sub, inbox, f"{base}.control")
+            await eventually(
+                lambda: _carried_on(pub, sub, inbox, f"{base}.control"), timeout=2, interval=0.05
+            )
     finally:
         await pub.close()
         await sub.close()
