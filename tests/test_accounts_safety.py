@@ -106,9 +106,6 @@ async def test_only_the_allowed_tenants_can_be_routed_between(
         assert "TRIGGER_TENANTS" in reply.envelope["error"]
 
 
-# Known race, not fixed (see README, accounts mode): one replica's superseded JWT can land after a
-# newer one for a moment under load; rerun once so the suite stays usable while it is open.
-@pytest.mark.flaky(reruns=1)
 async def test_nothing_is_delivered_after_a_delete_under_churn(
     operator: accounts.Operator, tenants: list[accounts.Tenant]
 ):

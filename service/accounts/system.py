@@ -164,17 +164,35 @@ class SystemAccount:
             if errors:
                 _log.error("NATS refused an account JWT", account=account, errors=errors)
                 raise _refusal(errors[0])
-            if len(replies) >= members:
+            if len(replies) < members:
+                _log.warning(
+                    "fewer servers acknowledged an account JWT than are up; pushing again",
+                    account=account,
+                    up=members,
+                    acknowledged=len(replies),
+                )
+                continue
+            if await self._held_everywhere(str(account), claims, members):
                 self.servers = members
                 self.last_push = time.monotonic()
                 return
-            _log.warning(
-                "fewer servers acknowledged an account JWT than are up; pushing again",
-                account=account,
-                up=members,
-                acknowledged=len(replies),
+            _log.info(
+                "a server holds an older JWT than the one it acknowledged; pushing again", account=account
             )
         raise Unavailable(f"not every NATS server acknowledged the update of account {account}")
+
+    async def _held_everywhere(self, account: str, claims: dict[str, Any], members: int) -> bool:
+        """True when every server up holds this JWT or a newer one.
+
+        A server keeps the newer of two JWTs, but checks and writes without holding a lock: two
+        pushes of one account arriving together (two replicas' changes) can leave the older one
+        stored, a deleted pair back in service. Asking every server closes that window.
+        """
+        held = await self._gather(CLAIMS_LOOKUP.format(account), b"", expected=members, decode=_claims_of)
+        if len(held) < members:
+            return False
+        iat = int(claims.get("iat", 0))
+        return all(h.get("jti") == claims.get("jti") or int(h.get("iat", 0)) > iat for h in held)
 
     async def members(self) -> dict[str, str]:
         """The servers up now, id -> name (the first answer says how many servers are active)."""
@@ -191,6 +209,7 @@ class SystemAccount:
         data: bytes,
         expected: int | Callable[[dict[str, Any]], int] | None,
         window: float | None = None,
+        decode: Callable[[bytes], dict[str, Any]] = json.loads,
     ) -> list[dict[str, Any]]:
         """Replies to one request from every server: until `expected` came (a number, or one the
         first reply tells), or the window closed."""
@@ -212,7 +231,7 @@ class SystemAccount:
                 except nats.errors.TimeoutError:
                     break
                 try:
-                    replies.append(json.loads(msg.data))
+                    replies.append(decode(msg.data))
                 except ValueError:
                     replies.append({"error": {"description": "reply is not JSON"}})
                 if count is None:  # the first reply says how many servers to expect
@@ -224,6 +243,14 @@ class SystemAccount:
     async def close(self) -> None:
         """Close the system-account connection."""
         await self.nc.close()
+
+
+def _claims_of(data: bytes) -> dict[str, Any]:
+    """The claims of a looked-up JWT; no claims for an empty answer (an unknown account)."""
+    try:
+        return jwt.decode(data.decode()) if data else {}
+    except (jwt.JwtError, UnicodeDecodeError):
+        raise ValueError("not a JWT") from None
 
 
 def _active_servers(ping_reply: dict[str, Any]) -> int:
