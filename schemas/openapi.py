@@ -135,6 +135,20 @@ def document(prefix: str = "ms.trigger", operations: Sequence[Operation] = OPERA
             },
         }
     }
+    paths["/metrics"] = {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics of the sidecar: the caller's account's gateway triggers and the "
+            "sidecar's own series (text format)",
+            "responses": {
+                "200": {
+                    "description": "The Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+            },
+        }
+    }
     paths["/openapi.json"] = {
         "get": {
             "operationId": "openapi",

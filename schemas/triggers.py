@@ -164,6 +164,115 @@ class TriggerTarget(Request):
     allow_trace: bool | None = None
 
 
+DeliveryMode = Literal["direct", "durable"]
+ConfirmMode = Literal["reply", "jetstream"]
+BackoffPolicy = Literal["exponential", "linear"]
+Attempts = Annotated[int, Meta(ge=1, le=100, description="Deliveries tried in all, the first included.")]
+BackoffDelay = Annotated[
+    int,
+    Meta(ge=0, le=86_400_000, description="Milliseconds before the first retry; `exponential` doubles it."),
+]
+BackoffMax = Annotated[
+    int, Meta(ge=0, le=86_400_000, description="The longest pause between two attempts, in milliseconds.")
+]
+ConfirmTimeout = Annotated[
+    int, Meta(ge=1, le=300_000, description="Milliseconds one attempt waits for its confirmation.")
+]
+Ordered = Annotated[bool, Meta(description="One message in flight per trigger, so D gets them in order.")]
+DeadLetterSubject = Annotated[
+    str,
+    Meta(
+        pattern=SUBJECT_PATTERN,
+        max_length=1024,
+        description="A literal subject: where a message goes, unchanged, after its last failed attempt.",
+    ),
+]
+# The effective values of a durable route's fields that are left out (README "Durable delivery").
+DEFAULT_CONFIRM: ConfirmMode = "reply"
+DEFAULT_ATTEMPTS = 5
+DEFAULT_BACKOFF: BackoffPolicy = "exponential"
+DEFAULT_BACKOFF_DELAY_MS = 1_000
+DEFAULT_BACKOFF_MAX_MS = 60_000
+DEFAULT_TIMEOUT_MS = 5_000
+_DURABLE_ONLY = (
+    "confirm",
+    "attempts",
+    "backoff",
+    "backoff_delay_ms",
+    "backoff_max_ms",
+    "timeout_ms",
+    "ordered",
+    "dead_letter_subject",
+)
+
+
+class Delivery(Request):
+    """How a stream trigger's messages reach the target.
+
+    `direct` (the default when `delivery` is absent): core NATS, as published, at most once.
+    `durable`: captured in JetStream and delivered at least once, confirmed by a reply (`confirm`
+    `reply`: an envelope `status_code` >= 400 or a `Nats-Service-Error` header is a failure) or by
+    a JetStream publish acknowledgement (`jetstream`), retried with backoff, then published to
+    `dead_letter_subject`. Every other field applies to `durable` only; left out, it is `confirm`
+    reply, `attempts` 5, `backoff` exponential from `backoff_delay_ms` 1000 up to `backoff_max_ms`
+    60000, `timeout_ms` 5000, not `ordered`, and no dead letter (a message given up on is dropped
+    and logged). `durable` needs a `stream` source and single-account mode (400 otherwise).
+    """
+
+    mode: DeliveryMode
+    confirm: ConfirmMode | None = None
+    attempts: Attempts | None = None
+    backoff: BackoffPolicy | None = None
+    backoff_delay_ms: BackoffDelay | None = None
+    backoff_max_ms: BackoffMax | None = None
+    timeout_ms: ConfirmTimeout | None = None
+    ordered: Ordered | None = None
+    dead_letter_subject: DeadLetterSubject | None = None
+
+    @property
+    def durable(self) -> bool:
+        """True for at-least-once delivery through JetStream."""
+        return self.mode == "durable"
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1 for the first) before the next."""
+        delay = self.backoff_delay_ms if self.backoff_delay_ms is not None else DEFAULT_BACKOFF_DELAY_MS
+        longest = self.backoff_max_ms if self.backoff_max_ms is not None else DEFAULT_BACKOFF_MAX_MS
+        if (self.backoff or DEFAULT_BACKOFF) == "exponential":
+            delay *= 2 ** min(attempt - 1, 40)
+        else:
+            delay *= attempt
+        return min(delay, longest) / 1000
+
+
+def _check_delivery(delivery: Delivery, source: TriggerSource) -> None:
+    """The combinations a single field's type cannot rule out (a message naming the field)."""
+    if not delivery.durable:
+        for field in _DURABLE_ONLY:
+            if getattr(delivery, field) is not None:
+                raise ValueError(
+                    f"`{field}` applies only to `delivery.mode` durable - at `$.delivery.{field}`"
+                )
+        return
+    if source.kind == "service":
+        raise ValueError(
+            "durable delivery carries one-way messages only: a `service` route has a requester waiting "
+            "for the reply - at `$.delivery.mode`"
+        )
+    delay, longest = delivery.backoff_delay_ms, delivery.backoff_max_ms
+    if longest is not None and longest < (delay if delay is not None else DEFAULT_BACKOFF_DELAY_MS):
+        raise ValueError(
+            f"`backoff_max_ms` ({longest}) must be at least `backoff_delay_ms` "
+            f"({delay if delay is not None else DEFAULT_BACKOFF_DELAY_MS}) - at `$.delivery.backoff_max_ms`"
+        )
+    dead_letter = delivery.dead_letter_subject
+    if dead_letter is not None and any(token in ("*", ">") for token in dead_letter.split(".")):
+        raise ValueError(
+            "`dead_letter_subject` must be a literal subject (no wildcards)"
+            " - at `$.delivery.dead_letter_subject`"
+        )
+
+
 class TriggerRef(Request):
     """The trigger named by the last two tokens of a get, delete or history subject."""
 
@@ -186,6 +295,7 @@ class StreamTriggerRequest(Request):
     collection: Text | None = None
     description: Text | None = None
     enabled: Enabled = True
+    delivery: Delivery | None = None
 
     def __post_init__(self) -> None:
         if self.target.type is not None and self.target.type != self.source.kind:
@@ -193,6 +303,8 @@ class StreamTriggerRequest(Request):
                 f"target.type ({self.target.type!r}) must equal source.type ({self.source.kind!r})"
                 " - at `$.target.type`"
             )
+        if self.delivery is not None:  # checked here so that the message names the field itself
+            _check_delivery(self.delivery, self.source)
 
 
 # --- gateway triggers ------------------------------------------------------------------------
@@ -410,11 +522,28 @@ class Record(Base, tag_field="trigger_type"):
     revision: StoredRevision | None = None
 
 
+class DeliveryStats(Base):
+    """A durable route's counts (in replies only, never stored), over all replicas, since the
+    trigger was created or last enabled."""
+
+    delivered: Annotated[int, Meta(description="Messages confirmed by the target.")]
+    redelivered: Annotated[int, Meta(description="Attempts after the first (retries and takeovers).")]
+    pending: Annotated[int, Meta(description="Captured messages not yet confirmed or dead-lettered.")]
+    dead_lettered: Annotated[int, Meta(description="Messages given up on after their last attempt.")]
+
+
 class StreamTrigger(Record, tag="stream", kw_only=True):
     """A stream trigger as stored and returned."""
 
     source: TriggerSource
     target: TriggerTarget
+    delivery: Delivery | None = None
+    delivery_stats: DeliveryStats | None = None  # replies of `get` fill it in for a durable route
+
+    @property
+    def durable(self) -> bool:
+        """True when the route delivers through JetStream (at least once)."""
+        return self.delivery is not None and self.delivery.durable
 
 
 class GatewayTrigger(Record, tag="gateway", kw_only=True):

@@ -14,9 +14,10 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
-from service import log, natsproto, serverversion
+from service import log, metrics, natsproto, serverversion, tracing
 from service.auth import Authenticator
 from service.config import Settings
+from service.durable import DurableRoutes
 from service.errors import Unavailable
 from service.events import ChangeEvents
 from service.graph import RouteGraph
@@ -131,7 +132,9 @@ async def wait_for(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         delay = min(delay * 2, WAIT_MAX)
 
 
-def make_carrier(settings: Settings, store: TriggerStore, observe: Observer) -> Carrier:
+def make_carrier(
+    settings: Settings, store: TriggerStore, observe: Observer, counts: metrics.ServiceMetrics | None = None
+) -> Carrier:
     """The data plane chosen by configuration; it shows each change it follows to `observe` too."""
     if settings.routing == "accounts":
         from service.accounts.carrier import AccountsCarrier
@@ -139,7 +142,7 @@ def make_carrier(settings: Settings, store: TriggerStore, observe: Observer) -> 
         return AccountsCarrier(settings, store, observe)
     from service.streams import SubscriptionCarrier
 
-    return SubscriptionCarrier(settings, store, connect, observe)
+    return SubscriptionCarrier(settings, store, connect, observe, counts)
 
 
 async def open_store(nc: Client, settings: Settings) -> TriggerStore:
@@ -152,23 +155,41 @@ async def open_store(nc: Client, settings: Settings) -> TriggerStore:
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Api]:
     """The service, from connect to drained connection."""
+    tracing.configure_from_environment()
     async with contextlib.AsyncExitStack() as stack:
         nc = await connect_supported(settings, "trigger-service")
         stack.push_async_callback(finish, nc)
         store = await open_store(nc, settings)
         stack.push_async_callback(store.close)  # lets writes still being settled finish first
         graph = RouteGraph(single=settings.routing == "single")  # fed by the carrier's one bucket watch
-        carrier = make_carrier(settings, store, graph.observe)
+        counts = metrics.ServiceMetrics()
+        carrier = make_carrier(settings, store, graph.observe, counts)
         if isinstance(carrier, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(carrier)  # loads every live trigger before serving
+        follower = getattr(carrier, "follower", None)
+        if follower is not None:
+            pattern = "*.stream.*"  # the keys both carriers follow
+            counts.follow_lag(
+                pattern, lambda: follower.position, lambda: store.js.horizon(store.prefix + pattern)
+            )
         # Change events: entered after the carrier, so each event waits for the carrier to apply
         # its revision (and it stops before the carrier does); follows the bucket before serving.
         events = ChangeEvents(settings, store, getattr(carrier, "follower", None))
         await wait_for("the change-events stream", events.open)
         await stack.enter_async_context(events)
-        api = Api(nc, Context(settings, store, graph, carrier), Authenticator(settings))
+        delivery_stats = None
+        if settings.routing == "single":  # durable stream triggers (accounts mode refuses them for now)
+            durable = DurableRoutes(settings, store, connect, carrier, counts)
+            await stack.enter_async_context(durable)  # delivers from every live durable trigger
+            carrier, delivery_stats = durable, durable.stats
+        context = Context(settings, store, graph, carrier, delivery_stats=delivery_stats)
+        api = Api(nc, context, Authenticator(settings), counts)
         await api.start()
         stack.push_async_callback(api.stop)
+        if settings.metrics_addr is not None:
+            api.metrics_port = await stack.enter_async_context(
+                metrics.listening(counts, settings.metrics_addr)
+            )
         _log.info(
             "started",
             nats=nc.connected_url.netloc if nc.connected_url else None,

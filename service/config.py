@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long the change-events stream keeps an event (seconds; the stream's duplicate window is
     # 2 minutes, or this when shorter). Applies when the service creates the stream.
     events_max_age: Annotated[float, Meta(ge=1, le=10 * 365 * 86400)] = 7 * 86400.0
+    # A private listener serving GET /metrics for Prometheus (`host:port`); none unless set.
+    metrics_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] | None = None
+    # The fraction of successful requests that get a request log line; errors always get one.
+    request_log_sample: Annotated[float, Meta(ge=0, le=1)] = 1.0
 
     @property
     def tenant_accounts(self) -> frozenset[str]:
@@ -73,6 +77,8 @@ ENV_VARS: dict[str, str] = {
     "http_addr": "TRIGGER_HTTP_ADDR",
     "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
     "events_max_age": "TRIGGER_EVENTS_MAX_AGE",
+    "metrics_addr": "TRIGGER_METRICS_ADDR",
+    "request_log_sample": "TRIGGER_REQUEST_LOG_SAMPLE",
 }
 _LOWERCASE = {"auth", "log_level", "log_format", "routing", "jwt_allow_no_exp"}
 

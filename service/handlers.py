@@ -19,6 +19,7 @@ from nats.nuid import NUID
 
 from schemas.triggers import (
     DeleteReply,
+    DeliveryStats,
     ExistsBody,
     GatewayTrigger,
     GatewayTriggerReply,
@@ -95,6 +96,8 @@ class Context:
     graph: RouteGraph
     carrier: Carrier
     nuid: NUID = field(default_factory=NUID)
+    # A durable route's counts for `get` (service.durable); None where no route is durable.
+    delivery_stats: Callable[[str, StreamTrigger], Awaitable[DeliveryStats | None]] | None = None
 
     def subject(self, trigger_type: str, name: str) -> str:
         """The identifier subject `<prefix>.<type>.<name>` of a trigger."""
@@ -141,10 +144,18 @@ def _check_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest) -> No
                 "`target.account` other than your own needs accounts mode (TRIGGER_ROUTING=accounts)"
                 " - at `$.target.account`"
             )
+    durable = req.delivery is not None and req.delivery.durable
+    if durable and ctx.settings.routing == "accounts":
+        raise BadRequest(
+            "durable delivery is not available in accounts mode yet (TRIGGER_ROUTING=accounts) - at "
+            "`$.delivery.mode`"
+        )
+    dead_letter = req.delivery.dead_letter_subject if req.delivery is not None else None
     for where, subject in (
         ("source.subject", source),
         ("target.subject", req.target.subject),
         ("target.local_subject", req.target.local_subject),
+        ("delivery.dead_letter_subject", dead_letter),
     ):
         if subject and len(subject.encode()) > SUBJECT_BYTES:
             raise BadRequest(
@@ -169,6 +180,11 @@ def _check_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest) -> No
             f"target subject {destination!r} overlaps source subject {source!r}: the route would "
             "loop - at `$.target`"
         )
+    if dead_letter is not None and subjects.overlap(source, dead_letter):
+        raise BadRequest(
+            f"dead-letter subject {dead_letter!r} overlaps source subject {source!r}: a dead letter "
+            "would be captured again - at `$.delivery.dead_letter_subject`"
+        )
 
 
 def _stream_record(
@@ -187,6 +203,7 @@ def _stream_record(
         enabled=req.enabled,
         source=req.source,
         target=req.target,
+        delivery=req.delivery,
     )
 
 
@@ -304,7 +321,7 @@ def _configuration(record: Trigger) -> tuple[object, ...]:
     """What a create or an update sets: everything but the names, times and ids the service assigns."""
     common = (record.collection, record.description, record.enabled)
     if isinstance(record, StreamTrigger):
-        return ("stream", record.source, record.target, *common)
+        return ("stream", record.source, record.target, record.delivery, *common)
     return ("gateway", record.gateway_mapping, *common)
 
 
@@ -370,7 +387,10 @@ async def _claim_route(ctx: Context, method: str, path: str, owner: str, *, rele
 
 async def get(ctx: Context, caller: Caller, ref: TriggerRef) -> TriggerReply:
     """One live trigger of the caller's account, with its revision."""
-    record, revision = await ctx.store.get(key_of(caller.account, ref.trigger_type, ref.name))
+    key = key_of(caller.account, ref.trigger_type, ref.name)
+    record, revision = await ctx.store.get(key)
+    if isinstance(record, StreamTrigger) and record.durable and ctx.delivery_stats is not None:
+        record = msgspec.structs.replace(record, delivery_stats=await ctx.delivery_stats(key, record))
     return TriggerReply(
         body=_at(record, revision), metadata=Metadata(subject=ctx.subject(ref.trigger_type, ref.name))
     )

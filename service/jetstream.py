@@ -23,7 +23,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from service import log
+from service import log, tracing
 from service.errors import ApiError, Unavailable
 
 ATTEMPT_TIMEOUT = 0.75  # seconds one JetStream request may take before it is tried again
@@ -205,6 +205,10 @@ class JetStream:
         nothing was stored; OutcomeUnknown when an attempt may have been stored and JetStream
         did not tell within WRITE_DEADLINE.
         """
+        with tracing.span("trigger store write", {"messaging.system": "nats", "trigger.stored_on": subject}):
+            return await self._publish(subject, data, expected_last)
+
+    async def _publish(self, subject: str, data: bytes, expected_last: int) -> int:
         msg_id = uuid.uuid4().hex
         headers = {MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last)}
         give_up = _give_up(WRITE_DEADLINE)

@@ -22,6 +22,8 @@ import re
 MAX_LENGTH = 2048  # characters of a trigger's path in canonical form (the schema's limit)
 # The sidecar's own routes (`service/gateway/api.py`), and the ones the contract keeps for later.
 RESERVED = ("/trigger", "/healthz", "/openapi.json", "/docs", "/metrics", "/console")
+# Reserved with everything under them: the API, and the docs' and the console's assets and data.
+RESERVED_TREES = ("/trigger/", "/docs/", "/console/")
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # What a segment holds as it is (RFC 3986 `pchar` without escapes): unreserved, sub-delims, : and @.
@@ -77,9 +79,9 @@ def canonical_or_none(path: str) -> str | None:
 
 
 def reserved(path: str) -> bool:
-    """True for a canonical path the sidecar keeps for itself: `/trigger` and everything under it,
-    and every other path of RESERVED."""
-    return path in RESERVED or path.startswith("/trigger/")
+    """True for a canonical path the sidecar keeps for itself: every path of RESERVED, and
+    everything under `/trigger`, `/docs` and `/console`."""
+    return path in RESERVED or path.startswith(RESERVED_TREES)
 
 
 def trigger_path(path: str) -> str:

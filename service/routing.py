@@ -8,6 +8,7 @@ from the same table.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 import typing
@@ -22,9 +23,10 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
 
 from schemas import triggers as t
-from service import handlers, jetstream, log
+from service import handlers, jetstream, log, tracing
 from service.auth import Authenticator, Caller
 from service.errors import ApiError, BadRequest, Internal, Unavailable, invalid, too_deep
+from service.metrics import ServiceMetrics
 
 SERVICE_NAME = "trigger-service"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -232,10 +234,19 @@ class _Counts:
 class Api:
     """Serves the operation table as one `nats.micro` service."""
 
-    def __init__(self, nc: Client, ctx: handlers.Context, auth: Authenticator) -> None:
+    def __init__(
+        self, nc: Client, ctx: handlers.Context, auth: Authenticator, metrics: ServiceMetrics | None = None
+    ) -> None:
         self._nc = nc
         self._ctx = ctx
         self._auth = auth
+        self.metrics = metrics or ServiceMetrics()
+        self._durations = {op.name: self.metrics.api_duration.labels(op.name) for op in OPERATIONS}
+        self._log_sample = ctx.settings.request_log_sample
+        self._span_attributes = {
+            op.name: {"messaging.system": "nats", "trigger.operation": op.name} for op in OPERATIONS
+        }
+        self.metrics_port: int | None = None  # the bound port of TRIGGER_METRICS_ADDR's listener
         self._slots = asyncio.Semaphore(ctx.settings.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._counts = {op.name: _Counts() for op in OPERATIONS}
@@ -300,11 +311,15 @@ class Api:
         counts = self._counts[op.name]
         counts.in_flight += 1
         counts.peak_in_flight = max(counts.peak_in_flight, counts.in_flight)
+        self.metrics.api_in_flight.inc()
         headers = request.headers or {}
         status, account, error = 500, None, "500:Internal server error"
+        span = tracing.begin(
+            f"trigger-service {op.name}", tracing.parse(headers), attributes=self._span_attributes[op.name]
+        )
         # Each request runs in a task of its own, whose context dies with it: bind, no unbind.
         structlog.contextvars.bind_contextvars(
-            subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER)
+            subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER), trace_id=span.trace_id
         )
         try:
             caller = self._auth.authenticate(headers, write=op.write)
@@ -332,13 +347,18 @@ class Api:
             if status >= 400:
                 counts.errors += 1
                 counts.last_error = error
-            _log.info(
-                "request",
-                operation=op.name,
-                account=account,
-                status=status,
-                duration_ms=round(elapsed * 1000, 3),
-            )
+            self.metrics.api_in_flight.dec()
+            self.metrics.api_requests.labels(op.name, str(status)).inc()
+            self._durations[op.name].observe(elapsed)
+            span.end(status)
+            if status >= 400 or self._log_sample >= 1.0 or random.random() < self._log_sample:
+                _log.info(
+                    "request",
+                    operation=op.name,
+                    account=account,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 3),
+                )
 
     async def _respond_error(self, request: MicroRequest, error: ApiError) -> None:
         body, headers = error_reply(error)

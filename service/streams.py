@@ -45,6 +45,7 @@ from schemas.triggers import StreamTrigger
 from service import log, subjects
 from service.config import Settings
 from service.errors import Unavailable
+from service.metrics import ServiceMetrics, StreamRouteMetrics
 from service.store import Change, Observer, TriggerStore
 
 Connect = Callable[[Settings, str], Awaitable[Client]]
@@ -53,28 +54,46 @@ STREAM_KEYS = "*.stream.*"  # every account: single-account mode shares one subj
 # A burst must wait in the client's queue, never be dropped as a slow consumer.
 PENDING_MSGS_LIMIT = 1_000_000
 PENDING_BYTES_LIMIT = 1 << 30
+# NATS message tracing (ADR-41, nats-server 2.11+): what a route without `allow_trace` removes.
+TRACE_DEST = "Nats-Trace-Dest"
+_TRACE_HEADERS = frozenset({TRACE_DEST, "Nats-Trace-Only"})
 
 _log = log.get("streams")
 
 
 class _Carry:
     """A route's subscription callback: republish each message, in the order received, on the
-    route's current target (switched in place by an update that keeps what is listened to)."""
+    route's current target (switched in place by an update that keeps what is listened to).
 
-    def __init__(self, data: Client, listen: str, deliver: str) -> None:
+    Headers pass on unchanged (W3C `traceparent` among them), but for a NATS message trace
+    (`Nats-Trace-Dest`): it goes on only where the trigger's `allow_trace` allows it, as a trace
+    crosses an import or export in accounts mode only where its claim says `allow_trace`."""
+
+    def __init__(
+        self, data: Client, listen: str, deliver: str, counts: StreamRouteMetrics, allow_trace: bool
+    ) -> None:
         self._publish = data.publish
         self.listen = listen
         self.deliver = deliver
+        self.allow_trace = allow_trace
+        self._counts = counts
 
     async def carry(self, msg: Msg) -> None:
         deliver = self.deliver
         subject = (
             deliver if subjects.is_literal(deliver) else subjects.translate(msg.subject, self.listen, deliver)
         )
+        headers = msg.headers
+        if headers and TRACE_DEST in headers and not self.allow_trace:
+            headers = {k: v for k, v in headers.items() if k not in _TRACE_HEADERS}
         try:
-            await self._publish(subject, msg.data, reply=msg.reply, headers=msg.headers)
+            await self._publish(subject, msg.data, reply=msg.reply, headers=headers)
         except nats.errors.Error as exc:
+            self._counts.failures.inc()
             _log.warning("message not carried", subject=msg.subject, deliver=subject, error=str(exc))
+        else:
+            self._counts.messages.inc()
+            self._counts.bytes.inc(len(msg.data))
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,14 @@ def _incarnation(trigger: StreamTrigger) -> str:
     return re.sub(r"[^0-9A-Za-z]", "", trigger.created_at) or "0"
 
 
+def allows_trace(trigger: StreamTrigger) -> bool:
+    """True when a NATS message trace may pass the route: the side messages flow into allows it, as
+    in accounts mode (a service export's `allow_trace` on the source, a stream import's on the
+    target)."""
+    side = trigger.source if trigger.source.kind == "service" else trigger.target
+    return bool(side.allow_trace)
+
+
 def route_of(trigger: StreamTrigger) -> tuple[str, str]:
     """(S, D) of a stream trigger: its source subject and where the data is delivered."""
     source = trigger.source.subject
@@ -109,9 +136,18 @@ class SubscriptionCarrier:
     """Carries every live stream trigger of the bucket with queue subscriptions."""
 
     def __init__(
-        self, settings: Settings, store: TriggerStore, connect: Connect, observe: Observer | None = None
+        self,
+        settings: Settings,
+        store: TriggerStore,
+        connect: Connect,
+        observe: Observer | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics or ServiceMetrics()
+        self._metrics.live_routes(
+            "stream", lambda: sum(r.subscription is not None for r in self._routes.values())
+        )
         self._observe = observe
         self._store = store
         self._connect = connect
@@ -167,7 +203,8 @@ class SubscriptionCarrier:
             if current is not None and current.revision >= revision:
                 return  # an older event, or one already applied
             incarnation = _incarnation(trigger)
-            plan = _plan(trigger) if trigger.enabled else None
+            # A durable trigger is carried by service.durable: here it carries nothing, as if disabled.
+            plan = _plan(trigger) if trigger.enabled and not trigger.durable else None
             if current is not None and current.incarnation != incarnation:
                 del self._routes[key]  # a new trigger of the same name: the old one is gone
                 await self._stop(key, current)
@@ -180,9 +217,11 @@ class SubscriptionCarrier:
             kept = current.carry if current is not None else None
             if current is not None and kept is not None and kept.listen == plan[0]:
                 kept.deliver = plan[1]  # the same subscription: its target switched in place
+                kept.allow_trace = allows_trace(trigger)
                 self._routes[key] = _Route(revision, incarnation, plan, current.subscription, kept)
                 return
-            subscription, carry = await self._start(key, incarnation, plan)  # joins the same queue group
+            # Joins the same queue group.
+            subscription, carry = await self._start(key, incarnation, plan, allows_trace(trigger))
             self._routes[key] = _Route(revision, incarnation, plan, subscription, carry)
             if current is not None:
                 await self._drain(key, current)  # only now: the group never lacks a member
@@ -194,6 +233,7 @@ class SubscriptionCarrier:
             if current is not None:
                 self._ended[key] = max(self._ended.get(key, 0), current.revision)
                 await self._stop(key, current)
+            self._metrics.forget(key)
 
     # --- following the bucket -----------------------------------------------------------------
 
@@ -214,6 +254,7 @@ class SubscriptionCarrier:
             if current is not None and current.revision <= revision:
                 del self._routes[key]
                 await self._stop(key, current)
+                self._metrics.forget(key)
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -224,10 +265,12 @@ class SubscriptionCarrier:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _start(self, key: str, incarnation: str, plan: tuple[str, str]) -> tuple[Subscription, _Carry]:
+    async def _start(
+        self, key: str, incarnation: str, plan: tuple[str, str], allow_trace: bool
+    ) -> tuple[Subscription, _Carry]:
         data = self._connected()
         listen, deliver = plan
-        carry = _Carry(data, listen, deliver)
+        carry = _Carry(data, listen, deliver, self._metrics.stream_route(key), allow_trace)
         subscription = await data.subscribe(
             listen,
             # Shared by the replicas, and by the old and new route of an update; new per incarnation.

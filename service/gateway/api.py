@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from schemas.openapi import HealthBody, HealthReply, document
 from schemas.triggers import ErrorReply
-from service import log
+from service import log, tracing
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import (
@@ -34,6 +34,7 @@ from service.routing import OPERATIONS, REQUEST_ID_HEADER, SERVICE_NAME, Operati
 
 MAX_BODY = 1 << 20  # the contract's limit for an API request body (1 MiB)
 REQUEST_ID = web.RequestKey("request_id", str)
+TRACE = web.RequestKey("trace", tracing.Span)  # the request's span (or trace context), set by the middleware
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -200,7 +201,11 @@ class TriggerApi:
             raise down
         timeout = self._settings.request_timeout
         try:
-            reply = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
+            with request[TRACE].child(
+                "trigger API request", {"messaging.destination.name": subject}
+            ) as trace:
+                headers.update(trace.headers())
+                reply = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise Unavailable("no Trigger Service instance is running") from None
         except nats.errors.TimeoutError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +28,9 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_request import BaseRequest
 
-from service import errors, log
+from service import errors, log, metrics, tracing
 from service.app import connect_supported, finish, open_store, run_until_signalled
+from service.auth import Authenticator
 from service.config import Settings
 from service.errors import (
     ApiError,
@@ -40,8 +42,19 @@ from service.errors import (
     MethodNotImplemented,
     UriTooLong,
 )
-from service.gateway.api import MAX_BODY, REQUEST_ID, Handler, TriggerApi, error_response, malformed_body
-from service.gateway.forward import GatewayRoutes
+from service.gateway.api import (
+    MAX_BODY,
+    REQUEST_ID,
+    TRACE,
+    Handler,
+    TriggerApi,
+    error_response,
+    malformed_body,
+)
+from service.gateway.console import Console
+from service.gateway.forward import KEY_PATTERN, GatewayRoutes
+from service.gateway.pages import add_pages
+from service.gateway.traffic import RouteTraffic
 from service.routing import REQUEST_ID_HEADER
 
 _log = log.get("gateway")
@@ -64,13 +77,26 @@ _CONNECTION: dict[str, Any] = {
     "max_field_size": MAX_HEADER_FIELD,
     "max_headers": MAX_HEADERS,
 }
+_METRICS = web.AppKey("metrics", metrics.SidecarMetrics)
+_LOG_SAMPLE = web.AppKey("request_log_sample", float)
+_GATEWAY_ROUTE = "/{tail}"  # the catch-all resource of the gateway triggers' routes
 
 
-def build_app(settings: Settings, api: TriggerApi, routes: GatewayRoutes, max_body: int) -> web.Application:
+def build_app(
+    settings: Settings, api: TriggerApi, routes: GatewayRoutes, console: Console, max_body: int
+) -> web.Application:
     """The aiohttp application: static routes first, then every other request to the gateway routes."""
     app = web.Application(middlewares=[_access_log], client_max_size=max_body)
+    app[_METRICS], app[_LOG_SAMPLE] = routes.metrics, settings.request_log_sample
     api.add_routes(app.router, expect_handler=_expect_continue)
-    app.router.add_route("*", "/{tail:.*}", routes.handle, expect_handler=_expect_continue)
+    # The caller's account's series (bearer token); Prometheus scrapes TRIGGER_METRICS_ADDR instead.
+    auth = Authenticator(settings)
+    app.router.add_get(
+        "/metrics", metrics.handler(routes.metrics, lambda h: auth.authenticate(h, write=False).account)
+    )
+    add_pages(app.router, expect_handler=_expect_continue)
+    console.add_routes(app.router, expect_handler=_expect_continue)
+    app.router.add_route("*", "/{tail:.*}", console.observed(routes), expect_handler=_expect_continue)
     return app
 
 
@@ -81,9 +107,19 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         nc = await connect_supported(settings, "trigger-gateway")
         stack.push_async_callback(finish, nc)
         store = await open_store(nc, settings)
-        routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store))
+        tracing.configure_from_environment()
+        counts = metrics.SidecarMetrics()
+        routes = await stack.enter_async_context(GatewayRoutes(settings, nc, store, counts))
+        counts.follow_lag(
+            KEY_PATTERN,
+            lambda: routes.follower.position,
+            lambda: store.js.horizon(store.prefix + KEY_PATTERN),
+        )
+        if settings.metrics_addr is not None:
+            await stack.enter_async_context(metrics.listening(counts, settings.metrics_addr))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
-        app = build_app(settings, TriggerApi(settings, nc), routes, max(MAX_BODY, nc.max_payload))
+        console = Console(settings, nc, RouteTraffic(), routes.metrics.registry)
+        app = build_app(settings, TriggerApi(settings, nc), routes, console, max(MAX_BODY, nc.max_payload))
         runner = _Runner(app)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -108,34 +144,65 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
+    route = _route_of(request)
+    span = request[TRACE] = tracing.begin(f"HTTP {route}", tracing.parse(request.headers))
+    counts = request.app[_METRICS]
+    counts.http_in_flight.inc()
+    response: web.StreamResponse | None = None
+    try:
+        with structlog.contextvars.bound_contextvars(request_id=request_id, trace_id=span.trace_id):
+            response = await _answer(request, handler, request_id)
+    finally:
+        counts.http_in_flight.dec()
+        status = response.status if response is not None else 499  # the caller went away
+        elapsed = time.perf_counter() - started
+        counts.http_requests.labels(route, str(status)).inc()
+        counts.http_duration.labels(route).observe(elapsed)
+        span.end(status)
+    sample = request.app[_LOG_SAMPLE]
+    if response.status >= 400 or sample >= 1.0 or random.random() < sample:
+        _log.info(
+            "http",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round(elapsed * 1000, 3),
+            request_id=request_id,
+            trace_id=span.trace_id,
+        )
+    return response
+
+
+def _route_of(request: web.Request) -> str:
+    """The metrics label of a request: its route's template, `gateway` or `unmatched`; never the path."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    canonical = resource.canonical
+    return "gateway" if canonical == _GATEWAY_ROUTE else canonical
+
+
+async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    """The request's answer, sent: the handler's, or an envelope for what it raised."""
     response: web.StreamResponse
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        try:
-            response = _unmet_expectation(request) or await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            kind = _KINDS.get(exc.status, exc.reason)
-            kept = {k: v for k, v in exc.headers.items() if k.lower() not in _ENTITY_HEADERS}
-            response = error_response(_Raised(exc.status, kind, exc.reason.lower()), headers=kept)
-        except web.RequestPayloadError:  # the body turned out not to be HTTP part-way
-            response = _closing(error_response(malformed_body()))
-        except ConnectionError:
-            raise  # the caller has gone: nothing to answer, nothing to log but at debug level
-        except Exception:
-            _log.exception("request failed", method=request.method, path=request.path)
-            response = error_response(Internal("unable to process the request"))
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = request_id
-        response = await _send(request, response, request_id)
-    _log.info(
-        "http",
-        method=request.method,
-        path=request.path,
-        status=response.status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        request_id=request_id,
-    )
+    try:
+        response = _unmet_expectation(request) or await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _KINDS.get(exc.status, exc.reason)
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in _ENTITY_HEADERS}
+        response = error_response(_Raised(exc.status, kind, exc.reason.lower()), headers=kept)
+    except web.RequestPayloadError:  # the body turned out not to be HTTP part-way
+        response = _closing(error_response(malformed_body()))
+    except ConnectionError:
+        raise  # the caller has gone: nothing to answer, nothing to log but at debug level
+    except Exception:
+        _log.exception("request failed", method=request.method, path=request.path)
+        response = error_response(Internal("unable to process the request"))
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    response = await _send(request, response, request_id)
     return response
 
 

@@ -39,9 +39,10 @@ from service.errors import (
     Unauthorized,
     Unavailable,
 )
-from service.gateway.api import malformed_body, not_connected
+from service.gateway.api import TRACE, malformed_body, not_connected
 from service.gateway.ratelimit import SlidingWindow
 from service.gateway.tokens import VerifiedTokens
+from service.metrics import GatewayRouteMetrics, SidecarMetrics
 from service.store import Change, TriggerStore, split_key
 
 KEY_PATTERN = "*.gateway.*"
@@ -59,6 +60,8 @@ _DROPPED = frozenset(
         "transfer-encoding",
         "upgrade",
         "trigger-account",
+        "traceparent",  # sent as the gateway's own span, from the validated incoming context
+        "tracestate",
     }
 )
 _FORGED_PREFIX = "http-"
@@ -85,6 +88,7 @@ class Route:
     """One live gateway trigger, with everything the hot path needs computed once."""
 
     __slots__ = (
+        "counts",
         "enabled",
         "is_public",
         "key",
@@ -98,8 +102,11 @@ class Route:
         "timeout",
     )
 
-    def __init__(self, key: str, revision: int, trigger: GatewayTrigger, path: str) -> None:
+    def __init__(
+        self, key: str, revision: int, trigger: GatewayTrigger, path: str, counts: GatewayRouteMetrics
+    ) -> None:
         mapping = trigger.gateway_mapping
+        self.counts = counts
         self.key = key
         self.revision = revision
         self.method = mapping.method
@@ -133,7 +140,11 @@ class Route:
 class GatewayRoutes:
     """Serves every live gateway trigger's METHOD path; follows the bucket."""
 
-    def __init__(self, settings: Settings, nc: Client, store: TriggerStore) -> None:
+    def __init__(
+        self, settings: Settings, nc: Client, store: TriggerStore, metrics: SidecarMetrics | None = None
+    ) -> None:
+        self.metrics = metrics or SidecarMetrics()
+        self.metrics.live_routes("gateway", lambda: len(self._routes))
         self._nc = nc
         self._store = store
         self._auth = Authenticator(settings)
@@ -145,7 +156,9 @@ class GatewayRoutes:
 
     async def __aenter__(self) -> GatewayRoutes:
         """Load every live gateway trigger, then follow the bucket's changes."""
-        await self._following.enter_async_context(self._store.following(KEY_PATTERN, self._apply))
+        self.follower = await self._following.enter_async_context(
+            self._store.following(KEY_PATTERN, self._apply)
+        )
         _log.info("routes loaded", routes=len(self._routes), bucket=self._store.bucket)
         return self
 
@@ -161,6 +174,7 @@ class GatewayRoutes:
         record = change.record
         if not isinstance(record, GatewayTrigger):
             self._remove(change.key)
+            self.metrics.forget(change.key)
             return
         current = self._by_key.get(change.key)
         if current is not None and current.revision >= change.revision:
@@ -172,7 +186,7 @@ class GatewayRoutes:
             _log.warning("route has no canonical path: not served", key=change.key,
                          path=record.gateway_mapping.path)  # fmt: skip
             return
-        route = Route(change.key, change.revision, record, path)
+        route = Route(change.key, change.revision, record, path, self.metrics.gateway_route(change.key))
         if current is not None and current.limit == route.limit:
             route.limiter = current.limiter  # an update that keeps the limit keeps its window
         # No await from here on: the table changes at once, so no request sees the route missing
@@ -214,6 +228,11 @@ class GatewayRoutes:
 
     # --- serving -----------------------------------------------------------------------------
 
+    def route_for(self, method: str, raw_path: str) -> Route | None:
+        """The live route that serves `method` on a request's path as sent, if any."""
+        path = paths.canonical_or_none(raw_path)
+        return self._routes.get((method, path)) if path is not None else None
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one HTTP request on a gateway trigger's route, or 404."""
         method = request.method
@@ -223,7 +242,14 @@ class GatewayRoutes:
         route = self._routes.get((method, path)) if path is not None else None
         if route is None:
             return self._no_route(request, path)
+        started = time.perf_counter()
+        response = await self._forward(request, route)
+        route.counts.answered(response.status, time.perf_counter() - started)
+        return response
 
+    async def _forward(self, request: web.Request, route: Route) -> web.Response:
+        """The answer of a gateway trigger's route: refused here, or the forward's reply."""
+        method = request.method
         headers = request.headers
         account: str | None = None
         if self._auth.enabled:
@@ -250,6 +276,7 @@ class GatewayRoutes:
         if limiter is not None:
             wait = limiter.acquire(time.monotonic())
             if wait:
+                route.counts.rate_limited.inc()
                 retry_after = str(max(1, math.ceil(wait)))
                 return _error(
                     TooManyRequests(f"rate limit of {method} {route.path} reached; retry in {retry_after} s"),
@@ -283,18 +310,27 @@ class GatewayRoutes:
         if len(body) + 4 * chars > max_payload and len(body) + _header_size(out) > max_payload:
             return _too_large(max_payload)
 
-        try:
-            reply = await self._nc.request(route.pick_subject(), body, timeout=route.timeout, headers=out)
-        except nats.errors.NoRespondersError:
-            return _error(Unavailable(f"no responder for {method} {route.path}"))
-        except nats.errors.TimeoutError:
-            if down := not_connected(self._nc):  # the connection dropped while we waited
-                return _error(down)
-            return _error(GatewayTimeout(f"no reply for {method} {route.path} within {route.timeout:g} s"))
-        except nats.errors.MaxPayloadError:
-            return _too_large(max_payload)
-        except nats.errors.Error:  # closed, draining, reconnecting, outbound buffer full, ...
-            return _error(not_connected(self._nc) or Unavailable("not connected to NATS"))
+        subject = route.pick_subject()
+        with request[TRACE].child(
+            f"forward {method} {route.path}", {"messaging.destination.name": subject}
+        ) as trace:
+            out.update(trace.headers())
+            try:
+                reply = await self._nc.request(subject, body, timeout=route.timeout, headers=out)
+            except nats.errors.NoRespondersError:
+                route.counts.no_responders.inc()
+                return _error(Unavailable(f"no responder for {method} {route.path}"))
+            except nats.errors.TimeoutError:
+                if down := not_connected(self._nc):  # the connection dropped while we waited
+                    return _error(down)
+                route.counts.timeouts.inc()
+                return _error(
+                    GatewayTimeout(f"no reply for {method} {route.path} within {route.timeout:g} s")
+                )
+            except nats.errors.MaxPayloadError:
+                return _too_large(max_payload)
+            except nats.errors.Error:  # closed, draining, reconnecting, outbound buffer full, ...
+                return _error(not_connected(self._nc) or Unavailable("not connected to NATS"))
         return _response(reply.data, reply.headers)
 
     def _no_route(self, request: web.Request, path: str | None) -> web.Response:
