@@ -45,6 +45,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] | None = None
     # The fraction of successful requests that get a request log line; errors always get one.
     request_log_sample: Annotated[float, Meta(ge=0, le=1)] = 1.0
+    # The sidecar's console: the service replicas' metrics listeners (comma-separated `host:port`
+    # of their TRIGGER_METRICS_ADDR), whose stream-trigger counters it sums per trigger.
+    service_metrics: str = ""
+
+    @property
+    def service_metrics_addrs(self) -> list[str]:
+        """TRIGGER_SERVICE_METRICS as a list of `host:port`."""
+        return [a.strip() for a in self.service_metrics.split(",") if a.strip()]
 
     @property
     def tenant_accounts(self) -> frozenset[str]:
@@ -79,6 +87,7 @@ ENV_VARS: dict[str, str] = {
     "events_max_age": "TRIGGER_EVENTS_MAX_AGE",
     "metrics_addr": "TRIGGER_METRICS_ADDR",
     "request_log_sample": "TRIGGER_REQUEST_LOG_SAMPLE",
+    "service_metrics": "TRIGGER_SERVICE_METRICS",
 }
 _LOWERCASE = {"auth", "log_level", "log_format", "routing", "jwt_allow_no_exp"}
 
@@ -120,6 +129,9 @@ def _check(settings: Settings) -> None:
         path = getattr(settings, field)
         if path and not Path(path).is_file():
             raise ConfigError(f"{ENV_VARS[field]}: no readable file at {path!r}")
+    for addr in settings.service_metrics_addrs:
+        if not re.fullmatch(_ADDR_PATTERN, addr):
+            raise ConfigError(f"TRIGGER_SERVICE_METRICS: {addr!r} is not `host:port`")
     if settings.routing == "accounts":
         missing = [ENV_VARS[f] for f in ("operator_seed", "system_creds") if not getattr(settings, f)]
         if missing:

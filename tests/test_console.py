@@ -23,9 +23,14 @@ from nats.aio.msg import Msg
 from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright
 
+from service.app import running
+from service.devstack import free_port
+from service.gateway.app import running_gateway
+from service.natsserver import NatsServer
 from tests import http_fixtures
-from tests.http_fixtures import HttpReply, call
-from tests.support import eventually, gateway_request, stream_request, token, unique
+from tests.conftest import make_settings
+from tests.http_fixtures import HttpReply, call, on_free_port
+from tests.support import Inbox, eventually, gateway_request, stream_request, token, unique
 
 gateway_url, http = http_fixtures.gateway_url, http_fixtures.http
 
@@ -158,6 +163,33 @@ async def test_console_refuses_a_path_parameter_that_is_no_name(
     reply = await call(http, "GET", f"{gateway_url}/console/api/triggers/stream/a.b")
     assert reply.status == 400, reply.envelope
     assert "path parameter `name`" in reply.envelope["error"]
+
+
+async def test_console_sums_a_stream_triggers_counters_over_the_service_replicas(
+    http: aiohttp.ClientSession, nats_server: NatsServer, nc: Client
+) -> None:
+    """Two service replicas with metrics listeners, each carrying part of 10 messages: the console's
+    page of the trigger shows their sum (and a replica's listener that is down is left out)."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]  # the third listens nowhere
+    base = make_settings(nats_server.url)
+    name = unique("s")
+    source, target = f"{name}.in", f"{name}.out"
+    inbox = await Inbox.on(nc, target)
+    async with (
+        running(msgspec.structs.replace(base, metrics_addr=addrs[0])),
+        running(msgspec.structs.replace(base, metrics_addr=addrs[1])),
+        running_gateway(on_free_port(msgspec.structs.replace(base, service_metrics=",".join(addrs)))) as url,
+    ):
+        await create(http, url, "stream", stream_request(name, source, target))
+        payloads = [f"m{i}".encode() for i in range(10)]  # 2 bytes each
+        for payload in payloads:
+            await nc.publish(source, payload)
+        await inbox.wait_for(*payloads)
+        detail = await call(http, "GET", f"{url}/console/api/triggers/stream/{name}")
+    assert detail.status == 200, detail.envelope
+    counted = {s["name"]: s["value"] for s in detail.body["metrics"]}
+    assert counted["trigger_stream_messages_total"] == 10
+    assert counted["trigger_stream_bytes_total"] == 20
 
 
 async def test_console_shows_a_gateway_routes_recent_status_mix_and_its_metrics(

@@ -9,16 +9,19 @@ sidecar has metrics, every sample labelled with the trigger's subject and the ca
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
+import aiohttp
 import msgspec
 import nats.errors
 from aiohttp import web
 from msgspec import Meta
 from multidict import MultiMapping
 from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth import Authenticator
 from service.config import Settings
@@ -35,6 +38,7 @@ HISTORY_LIMIT = 64  # revisions shown: the most one history page holds
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # The metric families of each trigger type, by name (service/metrics.py), labelled `account` and
 # `trigger` (the name).
+SCRAPE_TIMEOUT = 1.0  # seconds a service replica's metrics listener may take for the console
 _FAMILIES = {"gateway": ("trigger_gateway_",), "stream": ("trigger_stream_", "trigger_durable_")}
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -193,28 +197,50 @@ class Console:
             return error_response(error)
         except _Refused as refused:
             return _passed_on(refused)
-        body = TriggerBody(record, history, self._recent(record), self._samples(record, account))
+        body = TriggerBody(record, history, self._recent(record), await self._samples(record, account))
         return web.Response(body=_encode(_Reply(body)), content_type=JSON)
 
     def _recent(self, record: Any) -> RecentTraffic | None:
         subject = record.get("gateway_mapping_subject") if record.get("trigger_type") == "gateway" else None
         return self.traffic.recent(subject) if isinstance(subject, str) else None
 
-    def _samples(self, record: Any, account: str) -> list[Sample]:
-        """The sidecar's metric samples of this trigger: its type's families, labelled with its
-        account and name (histogram buckets left out: count and sum say enough here)."""
-        if self._metrics is None:
-            return []
+    async def _samples(self, record: Any, account: str) -> list[Sample]:
+        """This trigger's metric samples: its type's families, labelled with its account and name
+        (histogram buckets left out: count and sum say enough here), from the sidecar's own
+        registry and, summed, from the service replicas' listeners (TRIGGER_SERVICE_METRICS)."""
         families = _FAMILIES.get(record.get("trigger_type"), ())
         labels = {"account": account, "trigger": record.get("name")}
-        return [
-            Sample(sample.name, dict(sample.labels), sample.value)
-            for family in self._metrics.collect()
-            if family.name.startswith(families)
-            for sample in family.samples
-            if all(sample.labels.get(k) == v for k, v in labels.items())
-            and not sample.name.endswith(("_bucket", "_created"))
-        ]
+        sources: list[Iterable[_Family]] = [self._metrics.collect()] if self._metrics is not None else []
+        sources += await self._scrape_services()
+        totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for source in sources:
+            for family in source:
+                if not family.name.startswith(families):
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith(("_bucket", "_created")):
+                        continue
+                    if all(sample.labels.get(k) == v for k, v in labels.items()):
+                        key = (sample.name, tuple(sorted(sample.labels.items())))
+                        totals[key] = totals.get(key, 0.0) + sample.value
+        return [Sample(name, dict(pairs), value) for (name, pairs), value in totals.items()]
+
+    async def _scrape_services(self) -> list[Iterable[_Family]]:
+        """The metric families of every service replica's listener that answers within a second
+        (a replica down or slow leaves its counts out; the page says nothing more than it knows)."""
+        addrs = self._settings.service_metrics_addrs
+        if not addrs:
+            return []
+
+        async def scrape(session: aiohttp.ClientSession, addr: str) -> Iterable[_Family]:
+            async with session.get(f"http://{addr}/metrics") as response:
+                response.raise_for_status()
+                return list(text_string_to_metric_families(await response.text()))
+
+        timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            results = await asyncio.gather(*(scrape(session, a) for a in addrs), return_exceptions=True)
+        return [r for r in results if not isinstance(r, BaseException)]
 
     async def _ask(self, subject: str, payload: bytes, request: web.Request) -> Any:
         """The body of the service's reply to a request made as the caller."""
