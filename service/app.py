@@ -177,11 +177,10 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         events = ChangeEvents(settings, store, getattr(carrier, "follower", None))
         await wait_for("the change-events stream", events.open)
         await stack.enter_async_context(events)
-        delivery_stats = None
-        if settings.routing == "single":  # durable stream triggers (accounts mode refuses them for now)
-            durable = DurableRoutes(settings, store, connect, carrier, counts)
-            await stack.enter_async_context(durable)  # delivers from every live durable trigger
-            carrier, delivery_stats = durable, durable.stats
+        # Durable stream triggers (in accounts mode through the service's account, service.relay).
+        durable = DurableRoutes(settings, store, connect, carrier, counts)
+        await stack.enter_async_context(durable)  # delivers from every live durable trigger
+        carrier, delivery_stats = durable, durable.stats
         context = Context(settings, store, graph, carrier, delivery_stats=delivery_stats)
         api = Api(nc, context, Authenticator(settings), counts)
         await api.start()

@@ -37,6 +37,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     system_creds: str | None = None
     tenants: str = ""  # accounts mode: the accounts stream triggers may route between (comma-separated)
     http_addr: Annotated[str, Meta(pattern=_ADDR_PATTERN)] = "127.0.0.1:8080"
+    # Sidecar worker processes sharing TRIGGER_HTTP_ADDR's port (SO_REUSEPORT; service.gateway.workers).
+    http_workers: Annotated[int, Meta(ge=1, le=64)] = 1
     request_timeout: Annotated[float, Meta(gt=0, le=600)] = 10.0
     # How long the change-events stream keeps an event (seconds; the stream's duplicate window is
     # 2 minutes, or this when shorter). Applies when the service creates the stream.
@@ -48,6 +50,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The sidecar's console: the service replicas' metrics listeners (comma-separated `host:port`
     # of their TRIGGER_METRICS_ADDR), whose stream-trigger counters it sums per trigger.
     service_metrics: str = ""
+    # Accounts mode: a user of the account durable stream triggers are captured in and delivered
+    # from (service.relay); without it durable triggers are refused there.
+    relay_creds: str | None = None
 
     @property
     def service_metrics_addrs(self) -> list[str]:
@@ -83,11 +88,13 @@ ENV_VARS: dict[str, str] = {
     "system_creds": "TRIGGER_SYSTEM_CREDS",
     "tenants": "TRIGGER_TENANTS",
     "http_addr": "TRIGGER_HTTP_ADDR",
+    "http_workers": "TRIGGER_HTTP_WORKERS",
     "request_timeout": "TRIGGER_REQUEST_TIMEOUT",
     "events_max_age": "TRIGGER_EVENTS_MAX_AGE",
     "metrics_addr": "TRIGGER_METRICS_ADDR",
     "request_log_sample": "TRIGGER_REQUEST_LOG_SAMPLE",
     "service_metrics": "TRIGGER_SERVICE_METRICS",
+    "relay_creds": "TRIGGER_RELAY_CREDS",
 }
 _LOWERCASE = {"auth", "log_level", "log_format", "routing", "jwt_allow_no_exp"}
 
@@ -125,7 +132,7 @@ def _check(settings: Settings) -> None:
         raise ConfigError("TRIGGER_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
     if settings.jwt_secret and settings.jwt_public_key:
         raise ConfigError("TRIGGER_JWT_SECRET and TRIGGER_JWT_PUBLIC_KEY: set only one of them")
-    for field in ("jwt_public_key", "nats_creds", "operator_seed", "system_creds"):
+    for field in ("jwt_public_key", "nats_creds", "operator_seed", "system_creds", "relay_creds"):
         path = getattr(settings, field)
         if path and not Path(path).is_file():
             raise ConfigError(f"{ENV_VARS[field]}: no readable file at {path!r}")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import re
 import weakref
@@ -67,6 +66,7 @@ from service.follower import Follower
 from service.handlers import Carrier
 from service.jetstream import WRITE_DEADLINE, BucketMissing, JetStream, JetStreamError
 from service.metrics import DurableRouteMetrics, ServiceMetrics
+from service.relay import incarnation_digest, relay_of
 from service.store import Change, TriggerStore
 from service.streams import STREAM_KEYS, Connect, route_of
 
@@ -100,8 +100,7 @@ _UNSAFE_IN_HEADER = re.compile(r"[\x00-\x1f\x7f]+")
 
 def stream_name(bucket: str, key: str, created_at: str) -> str:
     """The capture stream of one incarnation of a trigger (a delete and a new create: a new one)."""
-    digest = hashlib.sha256(f"{bucket}\n{key}\n{created_at}".encode()).hexdigest()[:32]
-    return STREAM_PREFIX + digest
+    return STREAM_PREFIX + incarnation_digest(bucket, key, created_at)
 
 
 def stats_stream_name(bucket: str) -> str:
@@ -129,15 +128,17 @@ class _Plan:
     """What a route does with each message: switched in place by an update."""
 
     trigger: str  # the trigger's subject, `<prefix>.stream.<name>`
-    listen: str
+    source: str  # S, as the trigger names it
+    listen: str  # what the capture stream stores: S, or its relay subject in accounts mode
     deliver: str
     delivery: Delivery
+    dead: str | None  # where a dead letter is published (None: dropped and logged)
 
-
-def _plan(trigger: StreamTrigger) -> _Plan:
-    source, destination = route_of(trigger)
-    assert trigger.delivery is not None
-    return _Plan(trigger.subject, source, destination, trigger.delivery)
+    def original(self, subject: str) -> str:
+        """The subject a captured message was published on, as its publisher named it."""
+        if self.listen == self.source:
+            return subject
+        return subjects.translate(subject, self.listen, self.source)
 
 
 @dataclass
@@ -175,6 +176,7 @@ class DurableRoutes:
         metrics: ServiceMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._relayed = settings.routing == "accounts"  # through the relay account (service.relay)
         self._metrics = metrics or ServiceMetrics()
         self._metrics.on_scrape(self._refresh_pending)
         self._store = store
@@ -189,9 +191,11 @@ class DurableRoutes:
         self._stats_ready = False
         self._flush_timeout = math.ceil(settings.request_timeout)
 
-    def __getattr__(self, name: str) -> Any:
-        """Every other attribute is the inner carrier's (tools and tests look at its routes)."""
-        return getattr(self._inner, name)
+    @property
+    def inner(self) -> Carrier:
+        """The carrier of every route that is not durable (and of a durable one's pairs in
+        accounts mode)."""
+        return self._inner
 
     def counts(self, key: str) -> DeliveryCounts | None:
         """This replica's counts for the durable route at `key`, while it carries one."""
@@ -200,7 +204,9 @@ class DurableRoutes:
 
     async def __aenter__(self) -> DurableRoutes:
         """Connect the durable data plane; return once every live durable trigger is delivered from."""
-        self._data = await self._connect(self._settings, "trigger-service-durable")
+        relay = self._settings.relay_creds if self._relayed else None  # accounts mode: the relay account
+        settings = msgspec.structs.replace(self._settings, nats_creds=relay) if relay else self._settings
+        self._data = await self._connect(settings, "trigger-service-durable")
         try:
             following = self._store.following(STREAM_KEYS, self._apply, self._collect_orphans)
             await self._following.enter_async_context(following)
@@ -329,7 +335,7 @@ class DurableRoutes:
                 if key in self._durable or stale:
                     self._durable[key] = _Route(revision, None, None)  # keeps the revision
                 return
-            plan = _plan(trigger)
+            plan = self._plan(key, trigger)
             await self._ensure(key, wanted, trigger)
             if current is not None and current.stream == wanted and current.task is not None:
                 current.revision, current.plan = revision, plan  # the same stream: switched in place
@@ -343,6 +349,17 @@ class DurableRoutes:
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         return lock
+
+    def _plan(self, key: str, trigger: StreamTrigger) -> _Plan:
+        """The route's plan; in accounts mode through the relay account's subjects."""
+        source, destination = route_of(trigger)
+        delivery = trigger.delivery
+        assert delivery is not None
+        if not self._relayed:
+            return _Plan(trigger.subject, source, source, destination, delivery, delivery.dead_letter_subject)
+        relay = relay_of(self._settings.bucket, key, trigger.created_at, source, destination)
+        dead = relay.dead if delivery.dead_letter_subject else None
+        return _Plan(trigger.subject, source, relay.captured, relay.delivered, delivery, dead)
 
     def _stream_of(self, key: str, trigger: StreamTrigger) -> str:
         return stream_name(self._settings.bucket, key, trigger.created_at)
@@ -366,7 +383,7 @@ class DurableRoutes:
         await self._ensure_stats()
         delivery = trigger.delivery
         assert delivery is not None
-        source = trigger.source.subject
+        source = self._plan(key, trigger).listen
         config = {
             "name": stream,
             "description": f"Trigger Service durable route of {trigger.subject}",
@@ -599,7 +616,7 @@ class DurableRoutes:
 
     async def _dead_letter(self, plan: _Plan, msg: Msg, attempt: int, error: str) -> None:
         """Publish the message, unchanged, on the dead-letter subject with headers saying why."""
-        target = plan.delivery.dead_letter_subject
+        target = plan.dead
         if target is None:
             _log.warning(
                 "durable delivery given up; no dead-letter subject", trigger=plan.trigger, error=error
@@ -613,7 +630,7 @@ class DurableRoutes:
                 "Trigger-Subject": plan.trigger,
                 "Trigger-Attempts": str(attempt),
                 "Trigger-Last-Error": _UNSAFE_IN_HEADER.sub(" ", error)[:ERROR_CHARS],
-                "Trigger-Original-Subject": msg.subject,
+                "Trigger-Original-Subject": plan.original(msg.subject),
                 "Trigger-Original-Time": _rfc3339(msg.metadata.timestamp),
             }
         )

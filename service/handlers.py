@@ -144,12 +144,6 @@ def _check_stream(ctx: Context, caller: Caller, req: StreamTriggerRequest) -> No
                 "`target.account` other than your own needs accounts mode (TRIGGER_ROUTING=accounts)"
                 " - at `$.target.account`"
             )
-    durable = req.delivery is not None and req.delivery.durable
-    if durable and ctx.settings.routing == "accounts":
-        raise BadRequest(
-            "durable delivery is not available in accounts mode yet (TRIGGER_ROUTING=accounts) - at "
-            "`$.delivery.mode`"
-        )
     dead_letter = req.delivery.dead_letter_subject if req.delivery is not None else None
     for where, subject in (
         ("source.subject", source),

@@ -49,6 +49,7 @@ class Operator:
             "TRIGGER_ROUTING": "accounts",
             "TRIGGER_OPERATOR_SEED": self.dev.signing_seed,
             "TRIGGER_SYSTEM_CREDS": self.dev.system.creds,
+            "TRIGGER_RELAY_CREDS": self.dev.relay.creds,
             **env,
         }
 

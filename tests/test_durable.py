@@ -149,23 +149,6 @@ async def test_bad_delivery_combinations_are_a_400_naming_the_field(
     assert (await request(nc, f"{PREFIX}.get.stream.{name}")).status == 404
 
 
-async def test_a_durable_trigger_in_accounts_mode_is_a_400_naming_the_mode(operator: Operator):  # noqa: F811
-    async with running(operator.settings()), contextlib.AsyncExitStack() as stack:
-        from tests.test_accounts_mode import new_tenant
-
-        system = await nats.connect(operator.server.url, user_credentials=operator.dev.system.creds)
-        stack.push_async_callback(system.close)
-        tenant = await new_tenant(operator, operator.server.url, system)
-        stack.push_async_callback(tenant.nc.close)
-        body = {**stream_body(unique(), "in.a", "out.a"), "delivery": {"mode": "durable"}}
-        reply = await request(
-            tenant.nc, f"{PREFIX}.create.stream", body, headers=tenant.token(), account=None, timeout=10
-        )
-        assert reply.status == 400, reply.envelope
-        assert "accounts mode" in reply.envelope["error"]
-        assert "$.delivery.mode" in reply.envelope["error"]
-
-
 # --- nothing published is lost ---------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ async def _settled(nc: Client, subject: str, body: Any = None, *, within: float 
 
 
 def _carries(api: Api, key: str) -> bool:
-    return key in api._ctx.carrier._routes  # type: ignore[attr-defined]
+    return key in api._ctx.carrier.inner._routes  # type: ignore[attr-defined]
 
 
 async def _served(http: aiohttp.ClientSession, url: str, path: str) -> int:

@@ -5,7 +5,8 @@ What it writes under DIR:
   service signs account JWTs with: TRIGGER_OPERATOR_SEED);
 - `accounts/<name>.jwt` and `accounts/<name>.nk` for the system account `SYS`, the service's
   account `TRIGGER` (JetStream enabled, exports the Trigger API `<prefix>.>` as a service) and the
-  tenant accounts, which import that API so their users can call it;
+  tenant accounts, which import that API so their users can call it, and `TRIGGER_RELAY` (JetStream
+  enabled), where durable stream triggers are captured and delivered from (service.relay);
 - `creds/<name>.creds`, one user per account;
 - `nats-server.conf` (operator mode, full resolver, the account JWTs preloaded),
   `service.env` (the service's environment) and `accounts.json` (what `load` reads back).
@@ -22,7 +23,7 @@ import msgspec
 
 from service.accounts import jwt
 
-SYSTEM, SERVICE = "SYS", "TRIGGER"
+SYSTEM, SERVICE, RELAY = "SYS", "TRIGGER", "TRIGGER_RELAY"
 TENANTS = ("tenant-a", "tenant-b")
 MANIFEST = "accounts.json"
 
@@ -48,12 +49,13 @@ class DevOperator(msgspec.Struct, frozen=True):
     signing_seed: str
     system: DevAccount
     service: DevAccount
+    relay: DevAccount
     tenants: list[DevAccount]
 
     @property
     def accounts(self) -> list[DevAccount]:
         """Every account, the system account first."""
-        return [self.system, self.service, *self.tenants]
+        return [self.system, self.service, self.relay, *self.tenants]
 
     def env(self) -> dict[str, str]:
         """The service's environment for accounts mode."""
@@ -62,6 +64,7 @@ class DevOperator(msgspec.Struct, frozen=True):
             "TRIGGER_OPERATOR_SEED": self.signing_seed,
             "TRIGGER_SYSTEM_CREDS": self.system.creds,
             "NATS_CREDS": self.service.creds,
+            "TRIGGER_RELAY_CREDS": self.relay.creds,
             "TRIGGER_PREFIX": self.prefix,
         }
 
@@ -76,7 +79,7 @@ def create(root: Path, *, prefix: str = "ms.trigger", tenants: tuple[str, ...] =
     _write(root / "operator.nk", jwt.seed_of(operator) + "\n", secret=True)
     _write(root / "operator-signer.nk", jwt.seed_of(signer) + "\n", secret=True)
 
-    keys = {name: jwt.new_key("account") for name in (SYSTEM, SERVICE, *tenants)}
+    keys = {name: jwt.new_key("account") for name in (SYSTEM, SERVICE, RELAY, *tenants)}
     service_key = jwt.public_key(keys[SERVICE])
     api = f"{prefix}.>"
     claims = {
@@ -89,6 +92,7 @@ def create(root: Path, *, prefix: str = "ms.trigger", tenants: tuple[str, ...] =
                 {"name": "trigger-api", "subject": api, "type": "service", "response_type": "Singleton"}
             ],
         ),
+        RELAY: jwt.account_claims(jwt.public_key(keys[RELAY]), RELAY, jetstream=True),
     }
     for name in tenants:
         claims[name] = jwt.account_claims(
@@ -118,6 +122,7 @@ def create(root: Path, *, prefix: str = "ms.trigger", tenants: tuple[str, ...] =
         signing_seed=str(root / "operator-signer.nk"),
         system=made[SYSTEM],
         service=made[SERVICE],
+        relay=made[RELAY],
         tenants=[made[name] for name in tenants],
     )
     _write(root / MANIFEST, msgspec.json.format(msgspec.json.encode(dev)).decode() + "\n")

@@ -36,7 +36,9 @@ from service.accounts import jwt
 from service.accounts.system import SystemAccount
 from service.config import Settings
 from service.errors import BadRequest, NotFound, Unavailable
+from service.relay import relay_of
 from service.store import Change, Observer, TriggerStore, split_key
+from service.streams import route_of
 
 STREAM_KEYS = "*.stream.*"
 USER_INFO = "$SYS.REQ.USER.INFO"  # answered by the server for any connection: its user and account
@@ -67,6 +69,8 @@ class AccountsCarrier:
         self._watchers: list[asyncio.Task[None]] = []
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.service_account = ""  # the account the service itself connects in (learnt at start)
+        # Where durable triggers are captured and delivered from (TRIGGER_RELAY_CREDS' account).
+        self.relay_account = jwt.account_of_creds(settings.relay_creds) if settings.relay_creds else ""
 
     @property
     def system(self) -> SystemAccount:
@@ -109,6 +113,11 @@ class AccountsCarrier:
         source, target = c.accounts_of(account, trigger)
         self._check_account(source, "the caller's account (token claim `account`)", "$")
         self._check_account(target, "`target.account`", "$.target.account")
+        if trigger.durable and not self.relay_account:
+            raise BadRequest(
+                "durable delivery in accounts mode needs the relay account's credentials "
+                "(TRIGGER_RELAY_CREDS) - at `$.delivery.mode`"
+            )
         if target != source and not await self._exists(target):
             raise BadRequest(f"NATS knows no account {target} - at `$.target.account`")
 
@@ -139,6 +148,9 @@ class AccountsCarrier:
     ) -> None:
         """Put the trigger's export and import, the export first; `previous` is the configuration
         an update replaces (switched from without a moment of neither, see the module)."""
+        if trigger.durable or (previous is not None and previous.durable):
+            await self._switch(key, trigger, always_push, revision, previous)
+            return
         owner = split_key(key)[0]
         source, target = c.accounts_of(owner, trigger)
         export = c.Entry(trigger.created_at, c.export_of(trigger), revision)
@@ -194,6 +206,15 @@ class AccountsCarrier:
     ) -> None:
         """Remove the trigger's import, then its export: for good (deleted), or, with `revision`,
         until a later revision enables it again (disabled)."""
+        if trigger.durable or (previous is not None and previous.durable):
+            configurations = [trigger] if previous is None else [trigger, previous]
+            for kind in ("imports", "exports"):  # the imports first
+                drop = _dropper(
+                    key, trigger.created_at, remember=not revision, revision=revision, kinds=(kind,)
+                )
+                for account in self._accounts_of(key, configurations):
+                    await self._update(account, drop, always_push, create=False)
+            return
         owner = split_key(key)[0]
         source, target = c.accounts_of(owner, trigger)
         targets = {target}
@@ -204,6 +225,85 @@ class AccountsCarrier:
             await self._update(account, drop, always_push, create=False)  # the import first
         await self._update(source, drop, always_push, create=False)
 
+    # --- durable triggers: through the service's account (service.relay) -------------------
+
+    def _entries(self, key: str, trigger: StreamTrigger) -> list[tuple[str, str, str, dict[str, object]]]:
+        """(account, kind, entry key, claim) of every export and import the trigger needs. A
+        direct one: S exported by the source account, imported by the target's. A durable one
+        (captured and delivered by the service, service.durable): S exported to the service's
+        account, D exported by the target account as a service to it, and the dead letters exported
+        by the service's account to the source account."""
+        source, target = c.accounts_of(split_key(key)[0], trigger)
+        export = c.export_of(trigger)
+        if not trigger.durable:
+            return [(source, "exports", key, export), (target, "imports", key, c.import_of(source, trigger))]
+        s, d = route_of(trigger)
+        relay = relay_of(self.settings.bucket, key, trigger.created_at, s, d)
+        own = self.relay_account
+        entries: list[tuple[str, str, str, dict[str, object]]] = [
+            (source, "exports", key, export),
+            (
+                target,
+                "exports",
+                _relay_key(key),
+                {"subject": d, "type": "service", "response_type": "Singleton"},
+            ),
+            (
+                own,
+                "imports",
+                key,
+                {"subject": s, "account": source, "type": "stream", "local_subject": relay.captured},
+            ),
+            (
+                own,
+                "imports",
+                _relay_key(key),
+                {"subject": d, "account": target, "type": "service", "local_subject": relay.delivered},
+            ),
+        ]
+        dead = trigger.delivery.dead_letter_subject if trigger.delivery is not None else None
+        if dead:
+            entries.append((own, "exports", _dead_key(key), {"subject": relay.dead, "type": "stream"}))
+            import_dead: dict[str, object] = {
+                "subject": relay.dead,
+                "account": own,
+                "type": "stream",
+                "local_subject": dead,
+            }
+            entries.append((source, "imports", _dead_key(key), import_dead))
+        return entries
+
+    def _accounts_of(self, key: str, configurations: list[StreamTrigger]) -> list[str]:
+        """Every account the configurations touch, in a stable order."""
+        return sorted({account for t in configurations for account, *_ in self._entries(key, t)})
+
+    async def _switch(
+        self,
+        key: str,
+        trigger: StreamTrigger,
+        always_push: bool,
+        revision: int,
+        previous: StreamTrigger | None,
+    ) -> None:
+        """Put what `trigger` needs (every export, then every import), then drop what only
+        `previous` needed (imports first): make-before-break, so a switch between direct and
+        durable may deliver a message both ways for a moment, never neither."""
+        wanted = self._entries(key, trigger)
+        for kind in ("exports", "imports"):
+            for account in dict.fromkeys(a for a, k, *_ in wanted if k == kind):
+                mine = [(k, e, claim) for a, k, e, claim in wanted if a == account and k == kind]
+                await self._update(account, _putter(mine, trigger.created_at, revision), always_push)
+        was = previous if previous is not None and previous.created_at == trigger.created_at else None
+        if was is None or not was.enabled:
+            return
+        keep = {(a, k, e) for a, k, e, _ in wanted}
+        stale = [(a, k, e) for a, k, e, _ in self._entries(key, was) if (a, k, e) not in keep]
+        for kind in ("imports", "exports"):
+            for account in dict.fromkeys(a for a, k, _ in stale if k == kind):
+                gone = [e for a, k, e in stale if a == account and k == kind]
+                drop = _kind_dropper(kind, gone, trigger.created_at, revision)
+                await self._update(account, drop, always_push, create=False)
+
     def _check_account(self, account: str, what: str, where: str) -> None:
         if not jwt.is_account_key(account):
             raise BadRequest(
@@ -213,6 +313,8 @@ class AccountsCarrier:
             raise BadRequest(f"{what} may not be the system account - at `{where}`")
         if account == self.service_account:
             raise BadRequest(f"{what} may not be the Trigger Service's own account - at `{where}`")
+        if account == self.relay_account:
+            raise BadRequest(f"{what} may not be the Trigger Service's relay account - at `{where}`")
         allowed = self.settings.tenant_accounts
         if allowed and account not in allowed:
             raise BadRequest(f"{what} {account} is not a tenant account (TRIGGER_TENANTS) - at `{where}`")
@@ -444,16 +546,14 @@ class AccountsCarrier:
     async def _needed(self, key: str, account: str, kind: str, entry: c.Entry) -> tuple[bool, bool]:
         """(whether the account's `kind` entry of `key` is what the live trigger needs there now,
         whether that incarnation of the trigger is gone for good)."""
-        newest = await self._newest(key)
+        newest = await self._newest(_trigger_key(key))
         if newest is None or newest[0].created_at != entry.created_at:
             return False, True
         trigger = newest[0]
         if not trigger.enabled:
             return False, False
-        source, target = c.accounts_of(split_key(key)[0], trigger)
-        if kind == "exports":
-            return account == source and entry.claim == c.export_of(trigger), False
-        return account == target and entry.claim == c.import_of(source, trigger), False
+        wanted = {(a, k, e): claim for a, k, e, claim in self._entries(_trigger_key(key), trigger)}
+        return wanted.get((account, kind, key)) == entry.claim, False
 
 
 async def _own_account(nc: Client) -> str:
@@ -479,11 +579,57 @@ def _trigger_key(key: str) -> str:
     return ".".join(key.split(".")[:3])
 
 
-def _dropper(key: str, created_at: str, *, remember: bool = True, revision: int = 0) -> Mutation:
+def _relay_key(key: str) -> str:
+    """Where a durable trigger keeps its delivery pair (the target's service export, the service
+    account's import of it)."""
+    return f"{key}.relay"
+
+
+def _dead_key(key: str) -> str:
+    """Where a durable trigger keeps its dead-letter pair."""
+    return f"{key}.dead"
+
+
+def _dropper(
+    key: str,
+    created_at: str,
+    *,
+    remember: bool = True,
+    revision: int = 0,
+    kinds: tuple[str, ...] = ("imports", "exports"),
+) -> Mutation:
     def drop(record: c.AccountRecord) -> bool:
-        imports = record.drop("imports", key, created_at, remember=remember, revision=revision)
-        side = record.drop("exports", _side_key(key), created_at, remember=False)
-        return record.drop("exports", key, created_at, remember=remember, revision=revision) | imports | side
+        changed = False
+        if "exports" in kinds:
+            changed |= record.drop("exports", _side_key(key), created_at, remember=False)
+        for entry_key in (key, _relay_key(key), _dead_key(key)):
+            for kind in kinds:
+                changed |= record.drop(kind, entry_key, created_at, remember=remember, revision=revision)
+        return changed
+
+    return drop
+
+
+def _putter(entries: list[tuple[str, str, dict[str, object]]], created_at: str, revision: int) -> Mutation:
+    """Put each (kind, entry key, claim) as the trigger's entry at `revision`."""
+
+    def put(record: c.AccountRecord) -> bool:
+        changed = False
+        for kind, entry_key, claim in entries:
+            changed |= record.put(kind, entry_key, c.Entry(created_at, dict(claim), revision))
+        return changed
+
+    return put
+
+
+def _kind_dropper(kind: str, entry_keys: list[str], created_at: str, revision: int) -> Mutation:
+    """Drop entries a trigger's newer configuration no longer needs (it lives on)."""
+
+    def drop(record: c.AccountRecord) -> bool:
+        changed = False
+        for entry_key in entry_keys:
+            changed |= record.drop(kind, entry_key, created_at, remember=False, revision=revision)
+        return changed
 
     return drop
 

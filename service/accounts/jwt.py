@@ -223,6 +223,20 @@ def user_claims(subject: str, name: str) -> dict[str, Any]:
     }
 
 
+def account_of_creds(path: str) -> str:
+    """The account (public key) of the user a `.creds` file holds: its JWT's issuer account, or
+    its issuer when the account key itself signed it."""
+    with open(path) as f:
+        text = f.read()
+    for line in text.splitlines():
+        if line.count(".") == 2 and line.startswith("ey"):
+            claims = decode(line)
+            account = (claims.get("nats") or {}).get("issuer_account") or claims.get("iss")
+            if isinstance(account, str) and is_account_key(account):
+                return account
+    raise JwtError(f"no user JWT of an account in {path}")
+
+
 def creds(user_jwt: str, user_seed: str) -> str:
     """The text of a `.creds` file: a user JWT and its nkey seed."""
     return (
