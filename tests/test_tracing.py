@@ -80,7 +80,8 @@ async def test_the_sidecar_starts_a_trace_when_the_caller_sent_none_or_an_invali
     assert seen[0].headers["traceparent"][3:35] != seen[1].headers["traceparent"][3:35]  # type: ignore[index]
 
 
-async def test_a_gateway_route_forwards_the_trace_context_to_the_responder(nc: Client, gateway_url, http):
+async def live_gateway_route(nc: Client, http: Any, gateway_url: str) -> tuple[str, list[Msg]]:
+    """A gateway trigger `GET /<name>` served by a responder that keeps what it got; once it answers."""
     name = unique()
     reply = await request(nc, "ms.trigger.create.gateway", gateway_request(name, "GET", f"/{name}"))
     assert reply.status == 201
@@ -93,6 +94,11 @@ async def test_a_gateway_route_forwards_the_trace_context_to_the_responder(nc: C
     await nc.subscribe(reply.body["gateway_mapping_subject"], cb=respond)
     await nc.flush()
     await eventually(lambda: _status_is(http, f"{gateway_url}/{name}", 200))
+    return name, seen
+
+
+async def test_a_gateway_route_forwards_the_trace_context_to_the_responder(nc: Client, gateway_url, http):
+    name, seen = await live_gateway_route(nc, http, gateway_url)
     assert await get(http, f"{gateway_url}/{name}", traceparent=TRACEPARENT, Traceparent=TRACEPARENT) == 200
     assert seen[-1].headers is not None
     assert seen[-1].headers["traceparent"] == TRACEPARENT
@@ -169,17 +175,7 @@ async def test_spans_for_the_api_operation_and_the_store_write_follow_the_caller
 async def test_a_gateway_forward_has_a_span_and_the_responder_sees_it_as_parent(
     nc: Client, gateway_url, http, spans
 ):
-    name = unique()
-    reply = await request(nc, "ms.trigger.create.gateway", gateway_request(name, "GET", f"/{name}"))
-    seen: list[Msg] = []
-
-    async def respond(msg: Msg) -> None:
-        seen.append(msg)
-        await nc.publish(msg.reply, b"ok")
-
-    await nc.subscribe(reply.body["gateway_mapping_subject"], cb=respond)
-    await nc.flush()
-    await eventually(lambda: _status_is(http, f"{gateway_url}/{name}", 200))
+    name, seen = await live_gateway_route(nc, http, gateway_url)
     spans.clear()
     assert await get(http, f"{gateway_url}/{name}", traceparent=TRACEPARENT) == 200
 
