@@ -50,6 +50,7 @@ class Bench:
     serial_max: int
     activations: int
     profile_dir: Path | None = None
+    large: bool = False  # the scale case's 100,000 stored triggers too
     rows: list[Row] = field(default_factory=list)
 
     def row(
@@ -69,12 +70,21 @@ class Bench:
         return await nats.connect(self.stack.nats_url, name=name)
 
     @contextlib.asynccontextmanager
-    async def service(self, bucket: str | None = None, profile: str | None = None) -> AsyncIterator[Child]:
-        """A `python -m service` process on a fresh (or the given) bucket."""
+    async def service(
+        self,
+        bucket: str | None = None,
+        profile: str | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "service",
+        replicas: int = 1,
+    ) -> AsyncIterator[Child]:
+        """A `python -m service` process on a fresh (or the given) bucket, with `env` added; ready
+        once `replicas` services answer on the bucket."""
         bucket = bucket or unique("bench")
         out = self.profile_dir / f"{profile}.txt" if profile and self.profile_dir else None
-        async with running(self.stack.service(bucket, profile=out), timeout=120) as child:
-            yield child
+        child = self.stack.service(bucket, name=name, profile=out, env=env, replicas=replicas)
+        async with running(child, timeout=120) as started:
+            yield started
 
 
 async def metered(child: Child, work: Awaitable[Sample]) -> Sample:
@@ -174,8 +184,8 @@ async def _create_pair(b: Bench, subject: str, prefix: str, responder: Child) ->
 async def create_with_stored(b: Bench) -> None:
     """Create one at a time while 10,000 stream triggers are stored (the cycle check reads them)."""
     bucket = unique("bench-full")
-    kv = await _bucket(b.nc, bucket)
-    await _preload(kv, bucket, [("other", "stream", f"s{i:05d}") for i in range(STORED)])
+    await _bucket(b.nc, bucket)
+    await _preload(b.nc, bucket, [("other", "stream", f"s{i:05d}") for i in range(STORED)])
     ours: list[Sample] = []
     base: list[Sample] = []
     started: list[float] = []
@@ -210,7 +220,7 @@ async def get_and_list(b: Bench) -> None:
     # 1,000 stream triggers in the caller's account, 9,000 gateway triggers in nine others
     keys = [("default", "stream", f"s{i:05d}") for i in range(MATCHING)]
     keys += [(f"other{i % 9}", "gateway", f"g{i:05d}") for i in range(STORED - MATCHING)]
-    await _preload(kv, bucket, keys)
+    await _preload(b.nc, bucket, keys)
     names = [name for _, _, name in keys[:MATCHING]]
 
     def get_request(i: int) -> tuple[str, bytes]:
@@ -275,45 +285,77 @@ async def _bucket(nc: Client, bucket: str) -> KeyValue:
     return await nc.jetstream().create_key_value(config)
 
 
-async def _preload(kv: KeyValue, bucket: str, keys: list[tuple[str, str, str]]) -> None:
-    """Store one valid record per (account, trigger_type, name), 64 writes in flight."""
-    encode = msgspec.json.Encoder().encode
-    created = "2024-01-01T00:00:00.000Z"
-
-    def record(trigger_type: str, name: str) -> bytes:
-        common = {
-            "name": name,
-            "stream": bucket,
-            "subject": f"{PREFIX}.{trigger_type}.{name}",
-            "type": "created",
-            "created_at": created,
-        }
-        if trigger_type == "stream":
-            return encode(
-                StreamTrigger(
-                    **common,
-                    source=TriggerSource(subject=f"bench.s.{name}", type="stream"),
-                    target=TriggerTarget(subject=f"bench.d.{name}", type="stream"),
-                )
-            )
-        return encode(
-            GatewayTrigger(
+def stored_record(bucket: str, trigger_type: str, name: str) -> bytes:
+    """A valid stored record (service/store.py's format) of a stream or a gateway trigger."""
+    common = {
+        "name": name,
+        "stream": bucket,
+        "subject": f"{PREFIX}.{trigger_type}.{name}",
+        "type": "created",
+        "created_at": "2024-01-01T00:00:00.000Z",
+    }
+    if trigger_type == "stream":
+        return _encode(
+            StreamTrigger(
                 **common,
-                gateway_mapping=StoredGatewayMapping(
-                    method="GET", path=f"/bench/{name}", is_public=False, timeout=30_000
-                ),
-                gateway_mapping_subject=f"{PREFIX}.gateway.bench{name}",
+                source=TriggerSource(subject=f"bench.s.{name}", type="stream"),
+                target=TriggerTarget(subject=f"bench.d.{name}", type="stream"),
             )
         )
+    return _encode(
+        GatewayTrigger(
+            **common,
+            gateway_mapping=StoredGatewayMapping(
+                method="GET", path=f"/bench/{name}", is_public=False, timeout=30_000
+            ),
+            gateway_mapping_subject=f"{PREFIX}.gateway.bench{name}",
+        )
+    )
 
-    async def put(i: int) -> bool:
-        account, trigger_type, name = keys[i]
-        await kv.put(f"{account}.{trigger_type}.{name}", record(trigger_type, name))
-        return True
 
-    sample = await load.closed_loop(put, concurrency=CONCURRENCY, seconds=600, max_count=len(keys))
-    if sample.ok != len(keys):
-        raise RuntimeError(f"preload stored {sample.ok} of {len(keys)} records")
+_encode = msgspec.json.Encoder().encode
+SEED_WINDOW = 4_096  # writes awaiting their JetStream acknowledgement, at most
+
+
+async def _preload(nc: Client, bucket: str, keys: list[tuple[str, str, str]]) -> None:
+    """Store one valid record per (account, trigger_type, name) straight into the bucket's stream:
+    pipelined publishes, SEED_WINDOW unacknowledged at most, every acknowledgement checked."""
+    inbox = nc.new_inbox()
+    acked, refused = 0, 0
+    waiter: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def on_ack(msg: Msg) -> None:
+        nonlocal acked, refused
+        acked += 1
+        if b'"error"' in msg.data:
+            refused += 1
+        if waiter and acked >= waiter[0][0] and not waiter[0][1].done():
+            waiter[0][1].set_result(None)
+
+    async def reach(count: int) -> None:
+        if acked >= count:
+            return
+        future = asyncio.get_running_loop().create_future()
+        waiter[:] = [(count, future)]
+        await asyncio.wait_for(future, 60)
+
+    subscription = await nc.subscribe(inbox + ".*", cb=on_ack, pending_msgs_limit=4 * SEED_WINDOW)
+    try:
+        for i, (account, trigger_type, name) in enumerate(keys):
+            await nc.publish(
+                f"$KV.{bucket}.{account}.{trigger_type}.{name}",
+                stored_record(bucket, trigger_type, name),
+                reply=f"{inbox}.{i}",
+            )
+            if (i + 1) % (SEED_WINDOW // 2) == 0:
+                await nc.flush()
+                await reach(i + 1 - SEED_WINDOW // 2)
+        await nc.flush()
+        await reach(len(keys))
+    finally:
+        await subscription.unsubscribe()
+    if refused:
+        raise RuntimeError(f"preload: JetStream refused {refused} of {len(keys)} records")
 
 
 # --- HTTP sidecar ----------------------------------------------------------------------------
@@ -541,12 +583,13 @@ async def _ping(pub: Client, sub: Client, send: str, receive: str, count: int, s
     return sample
 
 
-async def _create_route(b: Bench, name: str, source: str, target: str) -> dict[str, object]:
+async def _create_route(b: Bench, name: str, source: str, target: str, **extra: object) -> dict[str, object]:
     body = {
         "name": name,
         "trigger_type": "stream",
         "source": {"subject": source, "type": "stream"},
         "target": {"subject": target, "type": "stream"},
+        **extra,
     }
     reply = await b.nc.request(CREATE, msgspec.json.encode(body), timeout=10)
     decoded: dict[str, object] = msgspec.json.decode(reply.data)

@@ -121,14 +121,21 @@ class Child:
         return True
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) the process has used so far; 0 when it is not running."""
+        """CPU time (user + system) the process and its child processes (a sidecar's workers) have
+        used so far; 0 when it is not running."""
         if self.proc is None:
             return 0.0
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(_cpu_ticks(pid) for pid in _family(self.proc.pid)) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        """The process's resident memory in KiB; 0 when it is not running."""
+        if self.proc is None:
+            return 0
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
 
     def tail(self, lines: int = 20) -> str:
         """The last lines of the child's log."""
@@ -152,6 +159,26 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _family(pid: int) -> list[int]:
+    """`pid` and every live descendant of it."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                queue += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 @contextlib.asynccontextmanager
@@ -185,24 +212,42 @@ class Stack:
             **extra,
         }
 
-    def service(self, bucket: str, name: str = "service", profile: Path | None = None) -> Child:
-        """`python -m service` on `bucket`."""
+    def service(
+        self,
+        bucket: str,
+        name: str = "service",
+        profile: Path | None = None,
+        env: dict[str, str] | None = None,
+        replicas: int = 1,
+    ) -> Child:
+        """`python -m service` on `bucket` (with `env` added), ready once `replicas` services on the
+        bucket answer (this one being the last to start)."""
         argv = [PY, "-m", "service"]
-        child = Child(name, argv, self.service_env(bucket), self.log_dir, ready_check=self._serving(bucket))
+        child = Child(
+            name,
+            argv,
+            self.service_env(bucket, **(env or {})),
+            self.log_dir,
+            ready_check=self._serving(bucket, replicas),
+        )
         return profiling.attach(child, profile) if profile else child
 
-    def _serving(self, bucket: str) -> Callable[[], Awaitable[bool]]:
-        """True once a service on `bucket` answers `$SRV.INFO` (every replica's answer is read)."""
+    def _serving(self, bucket: str, replicas: int = 1) -> Callable[[], Awaitable[bool]]:
+        """True once `replicas` services on `bucket` answer `$SRV.INFO` (every replica's answer is read)."""
 
         async def check() -> bool:
             assert self.nc is not None
             inbox = self.nc.new_inbox()
             found = asyncio.Event()
+            ids: set[str] = set()
 
             async def on_info(msg: Msg) -> None:
                 with contextlib.suppress(msgspec.DecodeError, AttributeError):  # e.g. a no-responders status
-                    if msgspec.json.decode(msg.data).get("metadata", {}).get("bucket") == bucket:
-                        found.set()
+                    info = msgspec.json.decode(msg.data)
+                    if info.get("metadata", {}).get("bucket") == bucket:
+                        ids.add(str(info.get("id")))
+                        if len(ids) >= replicas:
+                            found.set()
 
             subscription = await self.nc.subscribe(inbox, cb=on_info)
             try:
@@ -215,10 +260,12 @@ class Stack:
 
         return check
 
-    def sidecar(self, bucket: str, port: int, profile: Path | None = None) -> Child:
-        """`trigger-gateway` on `bucket`, serving HTTP on `port`."""
+    def sidecar(
+        self, bucket: str, port: int, profile: Path | None = None, env: dict[str, str] | None = None
+    ) -> Child:
+        """`trigger-gateway` on `bucket`, serving HTTP on `port` (with `env` added)."""
         argv = console_script("trigger-gateway", "from service.cli import gateway_main; gateway_main()")
-        env = self.service_env(bucket, TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}")
+        env = self.service_env(bucket, TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}", **(env or {}))
         child = Child("sidecar", argv, env, self.log_dir, ready_port=port, url=f"http://127.0.0.1:{port}")
         return profiling.attach(child, profile) if profile else child
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import NoReturn
 
-from service import config, log
+from service import config, eventloop, log
 from service.serverversion import ServerTooOld
 
 
 def _settings() -> config.Settings:
     try:
         return config.load()
+    except config.ConfigError as exc:
+        _refuse(exc)
+
+
+def _loop() -> str:
+    try:
+        return eventloop.chosen()
     except config.ConfigError as exc:
         _refuse(exc)
 
@@ -39,11 +45,12 @@ def service_main(argv: list[str] | None = None) -> None:
         print("usage: trigger-service [accounts init DIR | plan|diff|apply|export ...]", file=sys.stderr)
         raise SystemExit(2)
     settings = _settings()
+    loop = _loop()
     log.configure(settings.log_level, settings.log_format)
     from service.app import serve
 
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings), loop)
     except (config.ConfigError, ServerTooOld) as exc:  # found at start-up, e.g. an untrusted signing key
         _refuse(exc)
 
@@ -51,10 +58,24 @@ def service_main(argv: list[str] | None = None) -> None:
 def gateway_main(argv: list[str] | None = None) -> None:
     """Run the HTTP sidecar."""
     settings = _settings()
+    loop = _loop()
+    if settings.http_workers > 1:
+        if settings.http_addr.rsplit(":", 1)[1] == "0":
+            _refuse(
+                config.ConfigError("TRIGGER_HTTP_WORKERS: the workers share one port; port 0 picks one each")
+            )
+        from service.gateway.workers import supervise
+
+        raise SystemExit(supervise(settings.http_workers, lambda: _gateway(settings, loop)))
+    _gateway(settings, loop)
+
+
+def _gateway(settings: config.Settings, loop: str) -> int:
     log.configure(settings.log_level, settings.log_format)
     from service.gateway.app import serve
 
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings), loop)
     except ServerTooOld as exc:
         _refuse(exc)
+    return 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -309,25 +311,34 @@ class Follower(Generic[C]):
 
     def __init__(self) -> None:
         self.position = 0  # the stream sequence of the newest change applied
-        self._moved = asyncio.Event()
+        # (seq, tiebreak, future) of every `reached` waiting, soonest first: an advance wakes only
+        # the waiters it satisfies (waking them all made 64 creates in flight cost O(64) each)
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
 
     def advance(self, seq: int) -> None:
         """Record that the change at `seq` was applied."""
         if seq > self.position:
             self.position = seq
-            self._moved.set()
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= seq:
+                waiter = heapq.heappop(waiters)[2]
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def reached(self, seq: int, within: float) -> None:
         """Return once the change at `seq` (or a later one) is applied; Unavailable after `within` s."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + within
-        while self.position < seq:
-            self._moved.clear()
-            remaining = give_up - loop.time()
-            if remaining <= 0:
-                raise Unavailable("the service has not caught up with the trigger store")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), remaining)
+        if self.position >= seq:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._tiebreak), waiter))
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except TimeoutError:
+            raise Unavailable("the service has not caught up with the trigger store") from None
+        finally:
+            waiter.cancel()  # a no-op once resolved; a cancelled waiter is dropped by a later advance
 
 
 Apply = Callable[[C], Awaitable[None]]

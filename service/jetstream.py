@@ -14,8 +14,8 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import os
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,7 +209,7 @@ class JetStream:
             return await self._publish(subject, data, expected_last)
 
     async def _publish(self, subject: str, data: bytes, expected_last: int) -> int:
-        msg_id = uuid.uuid4().hex
+        msg_id = os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID (3% of a create)
         headers = {MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last)}
         give_up = _give_up(WRITE_DEADLINE)
         uncertain = False  # an attempt may have reached the leader without our hearing back

@@ -23,7 +23,7 @@ from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
 
 from schemas import triggers as t
-from service import handlers, jetstream, log, tracing
+from service import handlers, jetstream, log, replies, tracing
 from service.auth import Authenticator, Caller
 from service.errors import ApiError, BadRequest, Internal, Unavailable, invalid, too_deep
 from service.metrics import ServiceMetrics
@@ -308,6 +308,7 @@ class Api:
 
     async def _serve(self, op: Operation, request: MicroRequest) -> None:
         started = time.perf_counter()
+        replies.begin()
         counts = self._counts[op.name]
         counts.in_flight += 1
         counts.peak_in_flight = max(counts.peak_in_flight, counts.in_flight)
@@ -328,7 +329,7 @@ class Api:
             with jetstream.budget():
                 reply = await op.handler(self._ctx, caller, payload)
             status = op.success
-            await request.respond(_encode(reply))
+            await replies.respond(request, _encode(reply))
         except Exception as exc:
             answer = as_api_error(exc)
             if answer is None:

@@ -37,12 +37,23 @@ def reserved_namespace(subject: str, api_prefix: str) -> str | None:
     """The reserved namespace `subject` falls into or can match (a wildcard can reach into one),
     or None: the JetStream, KV, object store, system and micro APIs, inboxes, the Trigger API, and
     any subject whose first token starts with `$`."""
-    for namespace in (*RESERVED, f"{api_prefix}.>"):
-        if overlap(subject, namespace):
-            return namespace
-    if tokens(subject)[0].startswith("$"):
+    # Each of RESERVED is `<token>.>`: overlapped by `>`, or by two tokens or more whose first is
+    # that token or `*` (as `overlap` finds, without splitting seven patterns for each check).
+    parts = tokens(subject)
+    first = parts[0]
+    if first == ">" or (first == "*" and len(parts) > 1):
+        return RESERVED[0]
+    if len(parts) > 1 and (namespace := _RESERVED_BY_FIRST.get(first)) is not None:
+        return namespace
+    api = f"{api_prefix}.>"
+    if overlap(subject, api):
+        return api
+    if first.startswith("$"):
         return "$…"
     return None
+
+
+_RESERVED_BY_FIRST = {namespace.removesuffix(".>"): namespace for namespace in RESERVED}
 
 
 def matches(subject: str, pattern: str) -> bool:

@@ -124,7 +124,8 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = settings.http_addr.rsplit(":", 1)
-        await web.TCPSite(runner, host or None, int(port)).start()
+        # With TRIGGER_HTTP_WORKERS > 1 every worker binds the same port (service.gateway.workers).
+        await web.TCPSite(runner, host or None, int(port), reuse_port=settings.http_workers > 1).start()
         bound_port = runner.addresses[0][1]
         url = f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{bound_port}"
         _log.info("started", url=url, nats=nc.connected_url.netloc if nc.connected_url else None,

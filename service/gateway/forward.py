@@ -11,10 +11,12 @@ becomes the HTTP response.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import re
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import msgspec
@@ -88,7 +90,8 @@ class Route:
     """One live gateway trigger, with everything the hot path needs computed once."""
 
     __slots__ = (
-        "counts",
+        "_counts",
+        "_resolve",
         "enabled",
         "is_public",
         "key",
@@ -103,10 +106,18 @@ class Route:
     )
 
     def __init__(
-        self, key: str, revision: int, trigger: GatewayTrigger, path: str, counts: GatewayRouteMetrics
+        self,
+        key: str,
+        revision: int,
+        trigger: GatewayTrigger,
+        path: str,
+        counts: Callable[[], GatewayRouteMetrics],
     ) -> None:
         mapping = trigger.gateway_mapping
-        self.counts = counts
+        # The route's series (9 labelled children, a histogram among them) are made at its first
+        # request: made for every route loaded, they were most of the sidecar's start-up and memory.
+        self._resolve = counts
+        self._counts: GatewayRouteMetrics | None = None
         self.key = key
         self.revision = revision
         self.method = mapping.method
@@ -128,6 +139,14 @@ class Route:
         self.limiter: SlidingWindow | None = None
         if mapping.limit is not None:
             self.limiter = SlidingWindow(mapping.limit.request, mapping.limit.time / 1000)
+
+    @property
+    def counts(self) -> GatewayRouteMetrics:
+        """The route's metric series."""
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = self._resolve()
+        return counts
 
     def pick_subject(self) -> str:
         """The subject of the next request: the mapping subject, or a version chosen by weight."""
@@ -186,7 +205,13 @@ class GatewayRoutes:
             _log.warning("route has no canonical path: not served", key=change.key,
                          path=record.gateway_mapping.path)  # fmt: skip
             return
-        route = Route(change.key, change.revision, record, path, self.metrics.gateway_route(change.key))
+        route = Route(
+            change.key,
+            change.revision,
+            record,
+            path,
+            functools.partial(self.metrics.gateway_route, change.key),
+        )
         if current is not None and current.limit == route.limit:
             route.limiter = current.limiter  # an update that keeps the limit keeps its window
         # No await from here on: the table changes at once, so no request sees the route missing
