@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from service import log, metrics, natsproto, serverversion, tracing
 from service.auth import Authenticator
 from service.config import Settings
+from service.connections import finish
 from service.durable import DurableRoutes
 from service.errors import Unavailable
 from service.events import ChangeEvents
@@ -76,21 +77,6 @@ async def connect_supported(settings: Settings, name: str) -> Client:
         await nc.close()
         raise
     return nc
-
-
-async def finish(nc: Client) -> None:
-    """Drain the connection (what is in flight completes); close it when it is not connected now.
-
-    A shutdown must not fail because NATS went away: nats-py refuses to drain a connection that
-    is reconnecting, and its close first writes what it buffered meanwhile onto the lost socket.
-    """
-    if nc.is_closed:
-        return
-    if nc.is_connecting or nc.is_reconnecting:
-        with contextlib.suppress(OSError):  # the connection is gone either way
-            await nc.close()
-    else:
-        await nc.drain()
 
 
 def not_available_now(exc: BaseException) -> bool:

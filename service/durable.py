@@ -61,6 +61,7 @@ from schemas.triggers import (
 )
 from service import log, subjects
 from service.config import Settings
+from service.connections import finish
 from service.errors import Conflict, NotFound, Unavailable
 from service.follower import Follower
 from service.handlers import Carrier
@@ -226,11 +227,8 @@ class DurableRoutes:
         routes, self._durable = list(self._durable.values()), {}
         await asyncio.gather(*(self._stop_deliveries(route) for route in routes))
         data, self._data = self._data, None
-        if data is not None and not data.is_closed:
-            try:
-                await data.drain()
-            except Exception:
-                await data.close()
+        if data is not None:
+            await finish(data)  # unsubscribes every route once its received messages are carried
 
     # --- the Carrier protocol -----------------------------------------------------------------
 

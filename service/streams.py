@@ -45,6 +45,7 @@ from nats.aio.subscription import Subscription
 from schemas.triggers import StreamTrigger
 from service import log, replies, subjects
 from service.config import Settings
+from service.connections import finish
 from service.errors import Unavailable
 from service.metrics import ServiceMetrics, StreamRouteMetrics
 from service.store import Change, Observer, TriggerStore
@@ -191,11 +192,8 @@ class SubscriptionCarrier:
         await self._following.aclose()
         self._routes.clear()
         data, self._data = self._data, None
-        if data is not None and not data.is_closed:
-            try:
-                await data.drain()  # unsubscribes every route once its received messages are carried
-            except Exception:
-                await data.close()
+        if data is not None:
+            await finish(data)  # unsubscribes every route once its received messages are carried
 
     # --- the Carrier protocol -----------------------------------------------------------------
 

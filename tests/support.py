@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -139,3 +140,17 @@ class Inbox:
     async def wait_for(self, *payloads: bytes, timeout: float = 5.0) -> None:
         """Return once every one of `payloads` has arrived."""
         await eventually(lambda: set(payloads) <= set(self.payloads), timeout=timeout)
+
+
+async def serving(nc: Client, timeout: float = 10.0) -> None:
+    """Return once a Trigger Service replica answers `$SRV.PING` on `nc`: on a cluster the
+    service's subscriptions reach the other servers a moment after it started."""
+
+    async def answered() -> bool:
+        try:
+            await nc.request("$SRV.PING.trigger-service", b"", timeout=0.5)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            return False
+        return True
+
+    await eventually(answered, timeout=timeout)

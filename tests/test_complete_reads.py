@@ -21,7 +21,7 @@ from service.app import running
 from service.natsserver import NatsCluster
 from service.store import TriggerStore
 from tests.conftest import make_settings
-from tests.support import PREFIX, gateway_request, request, unique
+from tests.support import PREFIX, gateway_request, request, serving, unique
 
 KEYS = 2_500
 READS = 40  # 5 rounds of 8 at once
@@ -97,6 +97,7 @@ async def test_list_is_complete_on_an_r3_bucket_of_a_cluster(cluster: NatsCluste
     client = await nats.connect(servers=cluster.urls)
     try:
         async with running(settings):
+            await serving(client)  # the API's subscriptions have reached the client's server
             reply = await request(
                 client, f"{PREFIX}.create.gateway", gateway_request("seed", "GET", f"/{unique()}"), timeout=10
             )

@@ -29,9 +29,10 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_request import BaseRequest
 
 from service import errors, log, metrics, tracing
-from service.app import connect_supported, finish, open_store, run_until_signalled
+from service.app import connect_supported, open_store, run_until_signalled
 from service.auth import Authenticator
 from service.config import Settings
+from service.connections import finish
 from service.errors import (
     ApiError,
     BadRequest,
