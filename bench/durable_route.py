@@ -10,14 +10,13 @@ each message arrived; the payload is the time it was published, so latency is en
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from bench.cases import Bench, _add, _create_route, metered
+from bench.cases import Arrivals, Bench, _add, _create_route, metered
 from bench.procs import Child, running, unique
 from bench.stats import CPU, MSG_RATE, P50, P99, Sample
 from service import durable
@@ -26,33 +25,16 @@ WINDOW = 1_000  # messages published and not yet confirmed at D, at most
 CONFIRMED = b'{"status_code":200}'
 
 
-class Confirming:
+class Confirming(Arrivals):
     """D's responder: confirms each message and keeps (arrived, published) times."""
 
     def __init__(self) -> None:
-        self.times: list[tuple[float, float]] = []
-        self._waiter: tuple[int, asyncio.Future[None]] | None = None
+        super().__init__(keep=True)
 
     async def on_msg(self, msg: Msg) -> None:
         """Subscription callback."""
-        self.times.append((time.perf_counter(), float(msg.data)))
+        await super().on_msg(msg)
         await msg.respond(CONFIRMED)
-        if self._waiter and len(self.times) >= self._waiter[0] and not self._waiter[1].done():
-            self._waiter[1].set_result(None)
-
-    async def reach(self, count: int, timeout: float) -> bool:
-        """Wait until `count` messages have arrived; False at the deadline."""
-        if len(self.times) >= count:
-            return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiter = (count, future)
-        try:
-            await asyncio.wait_for(future, timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._waiter = None
 
 
 async def _durable_flow(pub: Client, sub: Client, send: str, receive: str, seconds: float) -> Sample:
@@ -72,7 +54,7 @@ async def _durable_flow(pub: Client, sub: Client, send: str, receive: str, secon
             break
     await confirming.reach(sent, 15)
     await subscription.unsubscribe()
-    times = confirming.times
+    times = confirming.kept
     elapsed = (times[-1][0] if times else time.perf_counter()) - started
     sample = Sample(ok=len(times), errors=max(0, sent - len(times)), seconds=elapsed)
     sample.latencies_ms = [(arrived - published) * 1000 for arrived, published in times]
