@@ -60,6 +60,8 @@ from service.jetstream import (
     BucketMissing,
     JetStream,
     JetStreamError,
+    NoAnswer,
+    request_once,
 )
 from service.store import DUPLICATE_WINDOW, Change, TriggerStore, split_key
 
@@ -113,7 +115,11 @@ _encode = msgspec.json.Encoder().encode
 _decode_peek = msgspec.json.Decoder(_Peek).decode
 _decode_event = msgspec.json.Decoder(_EventPeek).decode
 _decode_mark = msgspec.json.Decoder(_Mark).decode
-_decode_json = msgspec.json.Decoder().decode
+_SILENCE = {  # what a retried publish says while no answer comes, by NoAnswer.kind
+    "no responders": "the change-events stream has no leader",
+    "timeout": "JetStream did not acknowledge the event",
+    "not connected": "not connected to NATS",
+}
 
 
 @dataclass(frozen=True)
@@ -439,35 +445,23 @@ class ChangeEvents:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"the change-events stream is not available ({reason})")
-            try:
-                msg = await self._nc.request(
-                    subject, payload, timeout=min(ATTEMPT_TIMEOUT, remaining), headers=headers
-                )
-            except nats.errors.NoRespondersError:
-                reason = "the change-events stream has no leader"
-            except (TimeoutError, nats.errors.TimeoutError):
-                # It may have been stored: the same headers again are then refused (or a duplicate).
-                reason = "JetStream did not acknowledge the event"
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                reason = "not connected to NATS"
+            outcome = await request_once(self._nc, subject, payload, min(ATTEMPT_TIMEOUT, remaining), headers)
+            if isinstance(outcome, NoAnswer):
+                # After a timeout it may have been stored: the same headers again are then refused
+                # (or a duplicate).
+                reason = _SILENCE[outcome.kind]
+            elif not isinstance(outcome, JetStreamError):
+                return int(outcome["seq"]), bool(outcome.get("duplicate"))
+            elif outcome.err_code in WRONG_LAST_SEQUENCE:
+                raise _Refused(outcome.description)
+            elif outcome.err_code == STREAM_NOT_FOUND:
+                raise BucketMissing("the change-events stream does not exist")
+            elif outcome.err_code == DUPLICATE_IN_PROCESS:
+                reason = "another replica's publish of this event is still being committed"
+            elif outcome.err_code in _NEVER or outcome.code not in (408, 500, 503):
+                raise outcome
             else:
-                reply = _decode_json(msg.data) if msg.data else {}
-                error = reply.get("error") if isinstance(reply, dict) else None
-                if not error:
-                    return int(reply["seq"]), bool(reply.get("duplicate"))
-                failure = JetStreamError(
-                    int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
-                )
-                if failure.err_code in WRONG_LAST_SEQUENCE:
-                    raise _Refused(failure.description)
-                if failure.err_code == STREAM_NOT_FOUND:
-                    raise BucketMissing("the change-events stream does not exist")
-                if failure.err_code == DUPLICATE_IN_PROCESS:
-                    reason = "another replica's publish of this event is still being committed"
-                elif failure.err_code in _NEVER or failure.code not in (408, 500, 503):
-                    raise failure
-                else:
-                    reason = failure.description
+                reason = outcome.description
             await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
 
     async def _mark(self, revision: int, condition: dict[str, str]) -> None:

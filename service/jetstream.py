@@ -17,7 +17,8 @@ import contextvars
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
@@ -40,6 +41,17 @@ DUPLICATE_IN_PROCESS = 10158  # an earlier attempt with this message id is still
 OPERATION_DEADLINE = 5.0  # every API operation's JetStream calls together end within this long
 _budget: contextvars.ContextVar[float | None] = contextvars.ContextVar("jetstream_budget", default=None)
 _decode_json = msgspec.json.Decoder().decode
+# What a retried request says while no answer comes, by NoAnswer.kind.
+_API_SILENCE = {
+    "no responders": "no JetStream server answered",
+    "timeout": "JetStream did not answer in time",
+    "not connected": "not connected to NATS",
+}
+_WRITE_SILENCE = {
+    "no responders": "the bucket's stream has no leader",
+    "timeout": "JetStream did not acknowledge the write",
+    "not connected": "not connected to NATS",
+}
 _encode_json = msgspec.json.Encoder().encode
 _log = log.get("jetstream")
 
@@ -122,6 +134,38 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return headers
 
 
+@dataclass(frozen=True)
+class NoAnswer:
+    """Why one JetStream request got no answer: `no responders` (no leader, or no JetStream),
+    `timeout` (it may have been processed), or `not connected`."""
+
+    kind: Literal["no responders", "timeout", "not connected"]
+
+
+async def request_once(
+    nc: Client, subject: str, payload: bytes, wait: float, headers: dict[str, str] | None = None
+) -> dict[str, Any] | JetStreamError | NoAnswer:
+    """One JetStream request waiting `wait` seconds: its reply, the error JetStream answered, or why
+    no answer came."""
+    try:
+        msg = await nc.request(subject, payload, timeout=wait, headers=headers)
+    except nats.errors.NoRespondersError:
+        return NoAnswer("no responders")
+    except (TimeoutError, nats.errors.TimeoutError):
+        return NoAnswer("timeout")
+    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+        return NoAnswer("not connected")
+    reply = _decode_json(msg.data) if msg.data else {}
+    if not isinstance(reply, dict):
+        reply = {}
+    error = reply.get("error")
+    if not error:
+        return reply
+    return JetStreamError(
+        int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
+    )
+
+
 class JetStream:
     """The JetStream API of one stream, over one connection."""
 
@@ -138,29 +182,17 @@ class JetStream:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"the trigger store is not available ({reason})")
-            try:
-                msg = await self.nc.request(
-                    f"$JS.API.{verb}", payload, timeout=min(ATTEMPT_TIMEOUT, remaining)
-                )
-            except nats.errors.NoRespondersError:
-                reason = "no JetStream server answered"
-            except (TimeoutError, nats.errors.TimeoutError):
-                reason = "JetStream did not answer in time"
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                reason = "not connected to NATS"
-            else:
-                reply = _decode_json(msg.data) if msg.data else {}
-                error = reply.get("error") if isinstance(reply, dict) else None
-                if not error:
-                    return reply
-                failure = JetStreamError(
-                    int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
-                )
-                if failure.err_code == STREAM_NOT_FOUND:
+            outcome = await request_once(self.nc, f"$JS.API.{verb}", payload, min(ATTEMPT_TIMEOUT, remaining))
+            if isinstance(outcome, NoAnswer):
+                reason = _API_SILENCE[outcome.kind]
+            elif isinstance(outcome, JetStreamError):
+                if outcome.err_code == STREAM_NOT_FOUND:
                     raise BucketMissing("the trigger bucket does not exist")
-                if not _transient(failure):
-                    raise failure
-                reason = failure.description
+                if not _transient(outcome):
+                    raise outcome
+                reason = outcome.description
+            else:
+                return outcome
             await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
 
     async def info(self) -> dict[str, Any]:
@@ -218,41 +250,29 @@ class JetStream:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 break
-            try:
-                msg = await self.nc.request(
-                    subject, data, timeout=min(ATTEMPT_TIMEOUT, remaining), headers=headers
-                )
-            except nats.errors.NoRespondersError:
-                reason = "the bucket's stream has no leader"
-            except (TimeoutError, nats.errors.TimeoutError):
-                uncertain, reason = True, "JetStream did not acknowledge the write"
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                reason = "not connected to NATS"
+            outcome = await request_once(self.nc, subject, data, min(ATTEMPT_TIMEOUT, remaining), headers)
+            if isinstance(outcome, NoAnswer):
+                uncertain |= outcome.kind == "timeout"
+                reason = _WRITE_SILENCE[outcome.kind]
+            elif not isinstance(outcome, JetStreamError):
+                return int(outcome["seq"])
+            elif outcome.err_code == DUPLICATE_IN_PROCESS:
+                uncertain, reason = True, "the write is still being committed"
+            elif outcome.err_code in WRONG_LAST_SEQUENCE:
+                if uncertain:
+                    try:
+                        stored = await self.stored_as(subject, msg_id)
+                    except Unavailable:
+                        break  # cannot tell: outcome unknown
+                    if stored is not None:
+                        return stored
+                raise WrongLastSequence(outcome.description)
+            elif outcome.err_code == STREAM_NOT_FOUND:
+                raise BucketMissing("the trigger bucket does not exist")
+            elif _transient(outcome):
+                reason = outcome.description
             else:
-                reply = _decode_json(msg.data) if msg.data else {}
-                error = reply.get("error")
-                if not error:
-                    return int(reply["seq"])
-                failure = JetStreamError(
-                    int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description"))
-                )
-                if failure.err_code == DUPLICATE_IN_PROCESS:
-                    uncertain, reason = True, "the write is still being committed"
-                elif failure.err_code in WRONG_LAST_SEQUENCE:
-                    if uncertain:
-                        try:
-                            stored = await self.stored_as(subject, msg_id)
-                        except Unavailable:
-                            break  # cannot tell: outcome unknown
-                        if stored is not None:
-                            return stored
-                    raise WrongLastSequence(failure.description)
-                elif failure.err_code == STREAM_NOT_FOUND:
-                    raise BucketMissing("the trigger bucket does not exist")
-                elif _transient(failure):
-                    reason = failure.description
-                else:
-                    raise failure
+                raise outcome
             await asyncio.sleep(min(_RETRY_PAUSE, max(0.0, give_up - time.monotonic())))
         if uncertain:
             with contextlib.suppress(Unavailable):
