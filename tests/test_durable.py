@@ -27,7 +27,7 @@ from service.durable import stats_stream_name, stream_name
 from service.natsserver import NatsServer
 from service.store import TriggerStore, key_of
 from tests.conftest import make_settings
-from tests.support import PREFIX, SECRET, Inbox, eventually, request, stream_request, unique
+from tests.support import PREFIX, SECRET, Inbox, eventually, request, serving, stream_request, unique
 from tests.test_accounts_mode import Operator, operator, stream_body  # noqa: F401 (the fixture)
 
 OK = b'{"status_code": 200}'
@@ -546,6 +546,7 @@ async def test_captured_messages_survive_the_loss_of_the_capture_streams_leader(
     nc = await nats.connect(servers=cluster.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         async with running(settings):
+            await serving(nc)  # the API's subscriptions have reached the client's server
             name = unique()
             created = await create(
                 nc, stream_request(name, f"in.{name}", f"out.{name}", delivery=durable(**PATIENT))
