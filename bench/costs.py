@@ -3,7 +3,7 @@
 The request line (service/routing.py `Api._serve`) is measured end to end: creates over NATS
 against a service with the line on every request (the default) and one with
 `TRIGGER_REQUEST_LOG_SAMPLE=0` (only 4xx/5xx logged), fresh buckets, interleaved. The stream
-route's counters (service/streams.py `_Carry.carry`: messages and bytes per carried message) are
+route's counters (service/streams.py `_Carry.__call__`: messages and bytes per carried message) are
 timed in this process on the service's own metric objects: a route's CPU per carried message is
 tens of microseconds, too little for a difference of a few to show above the runs' spread.
 """
@@ -63,7 +63,7 @@ async def request_log(b: Bench) -> None:
 
 
 async def route_metrics(b: Bench) -> None:
-    """The counters `_Carry.carry` moves per carried message, timed on ServiceMetrics' own objects."""
+    """The counters `_Carry.__call__` moves per carried message, timed on ServiceMetrics' own objects."""
     counts = ServiceMetrics().stream_route(f"default.stream.{unique('m')}")
     messages, size = counts.messages, 128
     rounds = 200_000

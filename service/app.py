@@ -149,25 +149,23 @@ async def running(settings: Settings) -> AsyncIterator[Api]:
         stack.push_async_callback(store.close)  # lets writes still being settled finish first
         graph = RouteGraph(single=settings.routing == "single")  # fed by the carrier's one bucket watch
         counts = metrics.ServiceMetrics()
-        carrier = make_carrier(settings, store, graph.observe, counts)
-        if isinstance(carrier, contextlib.AbstractAsyncContextManager):
-            await stack.enter_async_context(carrier)  # loads every live trigger before serving
-        follower = getattr(carrier, "follower", None)
-        if follower is not None:
-            pattern = "*.stream.*"  # the keys both carriers follow
-            counts.follow_lag(
-                pattern, lambda: follower.position, lambda: store.js.horizon(store.prefix + pattern)
-            )
-        # Change events: entered after the carrier, so each event waits for the carrier to apply
+        # Durable stream triggers (in accounts mode through the relay account, service.relay) around
+        # the carrier of the others: one watch of the stream triggers applies each change to both.
+        carrier = DurableRoutes(
+            settings, store, connect, make_carrier(settings, store, graph.observe, counts), counts
+        )
+        await stack.enter_async_context(carrier)  # loads every live trigger before serving
+        follower = carrier.follower
+        pattern = "*.stream.*"  # the keys both carriers follow
+        counts.follow_lag(
+            pattern, lambda: follower.position, lambda: store.js.horizon(store.prefix + pattern)
+        )
+        # Change events: entered after the carriers, so each event waits for the carrier to apply
         # its revision (and it stops before the carrier does); follows the bucket before serving.
-        events = ChangeEvents(settings, store, getattr(carrier, "follower", None))
+        events = ChangeEvents(settings, store, follower)
         await wait_for("the change-events stream", events.open)
         await stack.enter_async_context(events)
-        # Durable stream triggers (in accounts mode through the service's account, service.relay).
-        durable = DurableRoutes(settings, store, connect, carrier, counts)
-        await stack.enter_async_context(durable)  # delivers from every live durable trigger
-        carrier, delivery_stats = durable, durable.stats
-        context = Context(settings, store, graph, carrier, delivery_stats=delivery_stats)
+        context = Context(settings, store, graph, carrier, delivery_stats=carrier.stats)
         api = Api(nc, context, Authenticator(settings), counts)
         await api.start()
         stack.push_async_callback(api.stop)

@@ -68,8 +68,8 @@ from service.handlers import Carrier
 from service.jetstream import WRITE_DEADLINE, BucketMissing, JetStream, JetStreamError
 from service.metrics import DurableRouteMetrics, ServiceMetrics
 from service.relay import incarnation_digest, relay_of
-from service.store import Change, TriggerStore
-from service.streams import STREAM_KEYS, Connect, route_of
+from service.store import Apply, Change, TriggerStore
+from service.streams import Connect, route_of
 
 CONSUMER = "deliver"
 STREAM_PREFIX = "TRIGGER_DURABLE_"
@@ -183,14 +183,24 @@ class DurableRoutes:
         self._store = store
         self._connect = connect
         self._inner = inner
-        self.follower: Follower[Change] = inner.follower  # how far the route graph has followed the bucket
+        inner.also.append(self._apply)  # one watch of the stream triggers for both data planes
         self._data: Client | None = None
-        self._following = contextlib.AsyncExitStack()
+        self._entered = contextlib.AsyncExitStack()  # the inner carrier
         self._durable: dict[str, _Route] = {}
         self._ended: dict[str, int] = {}  # key -> highest revision known to be no longer live
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._stats_ready = False
         self._flush_timeout = math.ceil(settings.request_timeout)
+
+    @property
+    def follower(self) -> Follower[Change]:
+        """How far the route graph has followed the bucket (the inner carrier's watch)."""
+        return self._inner.follower
+
+    @property
+    def also(self) -> list[Apply]:
+        """Other data planes that follow the stream triggers with the inner carrier's watch."""
+        return self._inner.also
 
     @property
     def inner(self) -> Carrier:
@@ -204,13 +214,16 @@ class DurableRoutes:
         return route.counts if route is not None and route.stream is not None else None
 
     async def __aenter__(self) -> DurableRoutes:
-        """Connect the durable data plane; return once every live durable trigger is delivered from."""
+        """Connect the durable data plane, then enter the inner carrier, whose watch applies every
+        change here too; return once every live trigger is carried and every live durable trigger
+        is delivered from."""
         relay = self._settings.relay_creds if self._relayed else None  # accounts mode: the relay account
         settings = msgspec.structs.replace(self._settings, nats_creds=relay) if relay else self._settings
         self._data = await self._connect(settings, "trigger-service-durable")
         try:
-            following = self._store.following(STREAM_KEYS, self._apply, self._collect_orphans)
-            await self._following.enter_async_context(following)
+            if isinstance(self._inner, contextlib.AbstractAsyncContextManager):
+                await self._entered.enter_async_context(self._inner)
+            await self._collect_orphans()
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -222,8 +235,9 @@ class DurableRoutes:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop following, stop every delivery (unconfirmed messages come back to other replicas)."""
-        await self._following.aclose()
+        """Stop the inner carrier (and with it following the bucket), then every delivery
+        (unconfirmed messages come back to other replicas)."""
+        await self._entered.aclose()
         routes, self._durable = list(self._durable.values()), {}
         await asyncio.gather(*(self._stop_deliveries(route) for route in routes))
         data, self._data = self._data, None

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -168,13 +168,14 @@ class OrderedConsumer:
 async def watch(js: JetStream, prefix: str, key_pattern: str) -> AsyncGenerator[Delivery | None, None]:
     """One watch: the newest message of every key, None once that snapshot is complete, then changes.
 
-    After the snapshot a second consumer follows the same keys, so that the loss of the node
-    holding one consumer costs nothing: the other goes on, duplicates are dropped by stream
-    sequence, and a replacement is started in the background (which needs the JetStream meta
-    leader, itself re-elected after a node loss). Ends with WatchLost when no consumer is left,
+    After the snapshot of a replicated bucket a second consumer follows the same keys, so that
+    the loss of the node holding one consumer costs nothing: the other goes on, duplicates are
+    dropped by stream sequence, and a replacement is started in the background (which needs the
+    JetStream meta leader, itself re-elected after a node loss). Ends with WatchLost when no consumer is left,
     Unavailable when JetStream cannot say where the snapshot ends.
     """
     horizon = await js.horizon(prefix + key_pattern)
+    replicated = await js.replicated()
     primary = OrderedConsumer(js, prefix)
     try:
         await primary.start(key_pattern, "last_per_subject")
@@ -187,6 +188,9 @@ async def watch(js: JetStream, prefix: str, key_pattern: str) -> AsyncGenerator[
                 if delivery.seq >= horizon and delivery.pending == 0:
                     break
         yield None
+        if not replicated:  # the stream lives on one server: a spare consumer would go with it
+            while True:
+                yield await primary.next()
     except BaseException:
         await primary.stop()
         raise
@@ -412,13 +416,15 @@ async def follow(
 
 @contextlib.asynccontextmanager
 async def following(
-    keys: Keys[C], apply: Apply[C], on_ready: Callable[[], Awaitable[None]] | None = None
+    keys: Keys[C], applies: Sequence[Apply[C]], on_ready: Callable[[], Awaitable[None]] | None = None
 ) -> AsyncIterator[Follower[C]]:
-    """Apply every change of `follow(...)` in a task; entered once the first snapshot is applied.
+    """Apply every change of `follow(...)` with each of `applies` (data planes sharing one watch),
+    in a task; entered once the first snapshot is applied.
 
     A change that fails to apply (NATS did not confirm a subscription, a record the data plane
-    cannot carry) is logged and tried again every second until it, or a newer change of its key,
-    applies; it never holds up the changes of other keys. Leaving stops the tasks.
+    cannot carry) is logged and tried again every second, by the data plane that failed, until
+    it, or a newer change of its key, applies; it never holds up the changes of other keys or
+    the other data planes. Leaving stops the tasks.
     """
     follower: Follower[C] = Follower()
     loaded = asyncio.get_running_loop().create_future()
@@ -428,36 +434,39 @@ async def following(
             await on_ready()
         loaded.set_result(None)
 
-    pending: dict[str, C] = {}  # key -> its newest change, which failed to apply: tried again
+    # (data plane, key) -> the key's newest change, which that data plane failed to apply: tried again
+    pending: dict[tuple[int, str], C] = {}
 
-    async def attempt(change: C, again: bool = False) -> None:
-        key = str(getattr(change, "key", ""))
-        if again and pending.get(key) is not change:
+    async def attempt(plane: int, change: C, again: bool = False) -> None:
+        failed = (plane, str(getattr(change, "key", "")))
+        if again and pending.get(failed) is not change:
             return  # a newer change of the key came meanwhile
         try:
-            await apply(change)
+            await applies[plane](change)
         except Exception as exc:
             if not again:
                 _log.warning(
-                    "could not apply a change; trying it again", key=key, error=str(exc) or repr(exc)
+                    "could not apply a change; trying it again", key=failed[1], error=str(exc) or repr(exc)
                 )
-                pending[key] = change
+                pending[failed] = change
         else:
-            if not again or pending.get(key) is change:
-                pending.pop(key, None)
+            if not again or pending.get(failed) is change:
+                pending.pop(failed, None)
 
     async def run() -> None:
         changes = follow(keys, ready)
+        planes = range(len(applies))
         async with contextlib.aclosing(changes):
             async for change, seq in changes:
-                await attempt(change)  # one failing key never holds up the others
+                for plane in planes:
+                    await attempt(plane, change)  # one failing key never holds up the others
                 follower.advance(seq)
 
     async def retry() -> None:
         while True:
             await asyncio.sleep(_APPLY_AGAIN)
-            for change in list(pending.values()):
-                await attempt(change, again=True)
+            for (plane, _), change in list(pending.items()):
+                await attempt(plane, change, again=True)
 
     task = asyncio.create_task(run(), name=f"follow {keys.pattern}")
     retrying = asyncio.create_task(retry(), name=f"apply again {keys.pattern}")

@@ -35,7 +35,9 @@ class RouteGraph:
     def __init__(self, *, single: bool) -> None:
         self._single = single
         self._edges: dict[str, tuple[int, Edge | None]] = {}  # key -> (revision, edge or None=gone)
-        self._literal: dict[Node, set[str]] = {}  # literal tail -> keys of its edges
+        # literal tail -> the key of its edge, or the keys when several (a set per tail made a
+        # tenth of a stream route's memory, and most tails have one edge)
+        self._literal: dict[Node, str | set[str]] = {}
         self._wild: dict[str, Edge] = {}  # key -> edge, for tails with a wildcard
 
     def observe(self, change: Change) -> None:
@@ -75,7 +77,8 @@ class RouteGraph:
         """The heads of the edges whose tail can match `node` (but the edge at key `skip`)."""
         space, subject = node
         if subjects.is_literal(subject):
-            for key in self._literal.get(node, ()):
+            keys = self._literal.get(node, ())
+            for key in (keys,) if isinstance(keys, str) else keys:
                 revision, edge = self._edges[key]
                 if edge is not None and key != skip and (before is None or revision < before):
                     yield edge[1]
@@ -97,7 +100,13 @@ class RouteGraph:
     def _index(self, key: str, edge: Edge) -> None:
         tail = edge[0]
         if subjects.is_literal(tail[1]):
-            self._literal.setdefault(tail, set()).add(key)
+            keys = self._literal.get(tail)
+            if keys is None or keys == key:
+                self._literal[tail] = key
+            elif isinstance(keys, str):
+                self._literal[tail] = {keys, key}
+            else:
+                keys.add(key)
         else:
             self._wild[key] = edge
 
@@ -105,7 +114,9 @@ class RouteGraph:
         tail = edge[0]
         self._wild.pop(key, None)
         keys = self._literal.get(tail)
-        if keys is not None:
+        if keys == key:
+            del self._literal[tail]
+        elif isinstance(keys, set):
             keys.discard(key)
-            if not keys:
-                del self._literal[tail]
+            if len(keys) == 1:
+                self._literal[tail] = next(iter(keys))

@@ -59,7 +59,7 @@ from service.errors import (
 )
 from service.follower import Follower
 from service.graph import Edge, RouteGraph, edge_of
-from service.store import Change, TriggerStore, key_of, now_rfc3339, split_key
+from service.store import Apply, Change, TriggerStore, key_of, now_rfc3339, split_key
 
 TRIGGER_TYPES = ("gateway", "stream", "subject")
 SUBJECT_BYTES = 1024  # a route's SUB line must stay within nats-server's 4 KiB control line
@@ -71,7 +71,14 @@ _log = log.get("handlers")
 class Carrier(Protocol):
     """A data plane for stream triggers: makes a stored trigger's route live, or stops it."""
 
-    follower: Follower[Change]  # how far the route graph has followed the bucket
+    @property
+    def follower(self) -> Follower[Change]:
+        """How far the route graph has followed the bucket."""
+
+    @property
+    def also(self) -> list[Apply]:
+        """Other data planes that follow the same keys with the carrier's watch (appended before it
+        is entered)."""
 
     async def check(self, account: str, trigger: StreamTrigger) -> None:
         """Raise a 4xx when this data plane cannot carry the trigger (called before it is stored)."""

@@ -200,6 +200,11 @@ class JetStream:
         reply: dict[str, Any] = await self.api(f"STREAM.INFO.{self.stream}", {})
         return reply
 
+    async def replicated(self) -> bool:
+        """True when the stream is kept on more than one server."""
+        config = (await self.info()).get("config") or {}
+        return int(config.get("num_replicas") or 1) > 1
+
     async def last(self, subject: str, deadline: float = READ_DEADLINE) -> StoredMessage | None:
         """The newest message on `subject` (wildcards allowed), from the leader; None when there is none."""
         return await self._get({"last_by_subj": subject}, deadline)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -43,16 +43,18 @@ from service.jetstream import (
 HISTORY = 64
 DUPLICATE_WINDOW = 120.0  # seconds: how long JetStream may still commit a write it did not acknowledge
 _SETTLE_PAUSE = 0.5
+# Seconds a claim whose holder is not stored may still belong to a create under way: the create's
+# whole budget (jetstream.OPERATION_DEADLINE) and a margin for clocks a little apart.
+CLAIM_UNDER_WAY = 10.0
+_WRITTEN_KEPT = 1024  # records of this process's own newest writes kept for its followers
 _log = log.get("store")
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(Trigger).decode
 
 
-def _encode_record(record: Trigger) -> bytes:
+def _as_stored(record: Trigger) -> Trigger:
     """A record as stored: without `revision`, which only replies carry (the store assigns it)."""
-    if record.revision is not None:
-        record = msgspec.structs.replace(record, revision=None)
-    return _encode(record)
+    return msgspec.structs.replace(record, revision=None) if record.revision is not None else record
 
 
 def key_of(account: str, trigger_type: str, name: str) -> str:
@@ -82,6 +84,9 @@ class Change(msgspec.Struct, frozen=True):
 Observer = Callable[[Change], None]
 """Something else that wants to see each change a follower applies (one watch, several users)."""
 
+Apply = Callable[[Change], Awaitable[None]]
+"""A data plane's way of bringing itself in line with one change it follows (idempotent)."""
+
 
 class Revision(msgspec.Struct, frozen=True):
     """One stored revision of a key."""
@@ -100,6 +105,11 @@ class TriggerStore:
         self.js = JetStream(nc, f"KV_{bucket}")
         self._nc = nc
         self._settling: set[asyncio.Task[None]] = set()  # writes whose outcome is still being settled
+        # The records this process wrote, by stream sequence, with their bytes, newest last: the
+        # followers of this replica take a record from here instead of decoding it again when the
+        # delivery at that sequence holds the same bytes (a bucket made again restarts its
+        # sequences). A create waits for its follower, so the delivery comes within moments.
+        self._written: dict[int, tuple[bytes, Trigger]] = {}
 
     @classmethod
     async def open(cls, nc: Client, bucket: str, replicas: int = 1) -> TriggerStore:
@@ -145,18 +155,19 @@ class TriggerStore:
 
     async def create(self, key: str, record: Trigger) -> int:
         """Store a new trigger unless a live one holds the key (Conflict)."""
-        data = _encode_record(record)
+        stored = _as_stored(record)
+        data = _encode(stored)
         subject = self.prefix + key
         try:
             try:
-                return await self.js.publish(subject, data, 0)
+                return self._wrote(await self.js.publish(subject, data, 0), data, stored)
             except WrongLastSequence:
                 pass
             # The key exists: it may only be re-used over a deleted record, at that exact revision.
             current = await self.js.last(subject)
             if current is not None and _live_record(key, current.seq, current.data, current.headers) is None:
                 try:
-                    return await self.js.publish(subject, data, current.seq)
+                    return self._wrote(await self.js.publish(subject, data, current.seq), data, stored)
                 except WrongLastSequence:
                     pass
         except OutcomeUnknown as exc:
@@ -174,8 +185,10 @@ class TriggerStore:
         """Replace the live trigger at `key` with `record` if the key is still at `revision`; the new
         revision. StaleRevision when it moved on; OutcomeUnknown when JetStream did not tell in time
         (the update may still be stored: nothing is compensated, a get shows which revision holds)."""
+        stored = _as_stored(record)
+        data = _encode(stored)
         try:
-            return await self.js.publish(self.prefix + key, _encode_record(record), revision)
+            return self._wrote(await self.js.publish(self.prefix + key, data, revision), data, stored)
         except WrongLastSequence:
             raise StaleRevision(f"the trigger is no longer at revision {revision}") from None
         except OutcomeUnknown as exc:
@@ -188,21 +201,27 @@ class TriggerStore:
     async def claim(self, claim_key: str, owner: str, holds: Callable[[Trigger], bool]) -> bool:
         """Make `owner` the holder of `claim_key`; False when a live record still `holds` it.
 
-        A claim whose holder was deleted (or never written) is stale and is taken over at its
-        revision, so claims need no clean-up.
+        A claim is taken over at its revision, so claims need no clean-up, when its holder was
+        deleted, holds something else now, or was never stored and the claim is older than
+        CLAIM_UNDER_WAY: a create claims before it stores its record, so a holder not stored yet
+        may be a create still under way (taking that over answered two creates 201).
         """
         for _ in range(3):
-            value, revision = await self.get_raw(claim_key)
-            holder = (value or b"").decode()
+            claimed = await self.js.last(self.prefix + claim_key)
+            revision = claimed.seq if claimed is not None else 0
+            deleted = claimed is None or claimed.headers.get("KV-Operation") in ("DEL", "PURGE")
+            holder = "" if deleted or claimed is None else claimed.data.decode()
             if holder == owner:
                 return True
-            if holder:
-                try:
-                    record, _ = await self.get(holder)
-                    if holds(record):
+            if holder and claimed is not None:
+                held = await self.js.last(self.prefix + holder)
+                if held is None:
+                    if _age(claimed.time) < CLAIM_UNDER_WAY:
                         return False
-                except NotFound:
-                    pass
+                else:
+                    record = _live_record(holder, held.seq, held.data, held.headers)
+                    if record is not None and holds(record):
+                        return False
             if await self.put_raw(claim_key, owner.encode(), revision) is not None:
                 return True
         return False
@@ -277,18 +296,27 @@ class TriggerStore:
     def following(
         self,
         key_pattern: str,
-        apply: Callable[[Change], Awaitable[None]],
+        applies: Sequence[Apply],
         on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Follower[Change]]:
-        """Apply every change of the keys matching `key_pattern` (see follower.following)."""
+        """Apply every change of the keys matching `key_pattern` with each of `applies`, one watch
+        for all (see follower.following)."""
         keys = Keys(self.js, self.prefix, key_pattern, self._change, _retired, _is_live)
-        return following(keys, apply, on_ready)
+        return following(keys, applies, on_ready)
 
     # --- writes whose outcome was unknown ------------------------------------------------------
 
     async def _tombstone(self, key: str, record: Trigger, revision: int) -> int:
-        tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339())
-        return await self.js.publish(self.prefix + key, _encode_record(tombstone), revision)
+        tombstone = msgspec.structs.replace(record, type="deleted", deleted_at=now_rfc3339(), revision=None)
+        data = _encode(tombstone)
+        return self._wrote(await self.js.publish(self.prefix + key, data, revision), data, tombstone)
+
+    def _wrote(self, seq: int, data: bytes, record: Trigger) -> int:
+        written = self._written
+        written[seq] = (data, record)
+        if len(written) > _WRITTEN_KEPT:
+            del written[next(iter(written))]
+        return seq
 
     async def _undo_create(self, key: str, seq: int, record: Trigger) -> None:
         with contextlib.suppress(WrongLastSequence):  # changed since: not ours to undo any more
@@ -338,7 +366,11 @@ class TriggerStore:
     def _change(self, delivery: Delivery) -> Change:
         record = None
         if not delivery.deleted and delivery.data:
-            record = _live_record(delivery.key, delivery.seq, delivery.data, None)
+            written = self._written.get(delivery.seq)
+            if written is not None and written[0] == delivery.data:
+                record = written[1] if written[1].type != "deleted" else None
+            else:
+                record = _live_record(delivery.key, delivery.seq, delivery.data, None)
         return Change(delivery.key, delivery.seq, record)
 
 
@@ -368,6 +400,15 @@ def _live_record(key: str, revision: int, data: bytes, headers: dict[str, str] |
     if record is None or record.type == "deleted":
         return None
     return record
+
+
+def _age(stored_at: str) -> float:
+    """Seconds since a message's stored time (RFC 3339 as JetStream gives it); 0 when unreadable."""
+    try:
+        moment = datetime.fromisoformat(stored_at)
+    except ValueError:
+        return 0.0
+    return (datetime.now(UTC) - moment).total_seconds()
 
 
 def _rfc3339_ns(time_ns: int) -> str:

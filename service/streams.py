@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import re
 import weakref
@@ -40,27 +39,33 @@ from types import TracebackType
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from schemas.triggers import StreamTrigger
 from service import log, replies, subjects
 from service.config import Settings
 from service.connections import finish
 from service.errors import Unavailable
+from service.lane import Lane, RouteSubscription
 from service.metrics import ServiceMetrics, StreamRouteMetrics
-from service.store import Change, Observer, TriggerStore
+from service.store import Apply, Change, Observer, TriggerStore
 
 Connect = Callable[[Settings, str], Awaitable[Client]]
 
 STREAM_KEYS = "*.stream.*"  # every account: single-account mode shares one subject space
-# A burst must wait in the client's queue, never be dropped as a slow consumer.
-PENDING_MSGS_LIMIT = 1_000_000
-PENDING_BYTES_LIMIT = 1 << 30
 # NATS message tracing (ADR-41, nats-server 2.11+): what a route without `allow_trace` removes.
 TRACE_DEST = "Nats-Trace-Dest"
 _TRACE_HEADERS = frozenset({TRACE_DEST, "Nats-Trace-Only"})
 
 _log = log.get("streams")
+
+
+class _Plane:
+    """What every route of one data connection shares."""
+
+    __slots__ = ("metrics", "publish")
+
+    def __init__(self, data: Client, metrics: ServiceMetrics) -> None:
+        self.publish, self.metrics = data.publish, metrics
 
 
 class _Carry:
@@ -69,26 +74,22 @@ class _Carry:
 
     Headers pass on unchanged (W3C `traceparent` among them), but for a NATS message trace
     (`Nats-Trace-Dest`): it goes on only where the trigger's `allow_trace` allows it, as a trace
-    crosses an import or export in accounts mode only where its claim says `allow_trace`."""
+    crosses an import or export in accounts mode only where its claim says `allow_trace`.
 
-    def __init__(
-        self,
-        data: Client,
-        listen: str,
-        deliver: str,
-        counts: Callable[[], StreamRouteMetrics],
-        allow_trace: bool,
-    ) -> None:
-        self._publish = data.publish
+    Kept small (slots, the shared parts in `_Plane`): there is one per live route."""
+
+    __slots__ = ("_counts", "_plane", "allow_trace", "deliver", "key", "listen")
+
+    def __init__(self, plane: _Plane, key: str, listen: str, deliver: str, allow_trace: bool) -> None:
+        self._plane, self.key = plane, key
         self.listen = listen
         self.deliver = deliver
         self.allow_trace = allow_trace
         # The route's series are made at its first message: three labelled children per route cost
         # 10% of a create's CPU, and memory for every route that never carries anything.
-        self._resolve = counts
         self._counts: StreamRouteMetrics | None = None
 
-    async def carry(self, msg: Msg) -> None:
+    async def __call__(self, msg: Msg) -> None:
         deliver = self.deliver
         subject = (
             deliver if subjects.is_literal(deliver) else subjects.translate(msg.subject, self.listen, deliver)
@@ -96,11 +97,11 @@ class _Carry:
         headers = msg.headers
         if headers and TRACE_DEST in headers and not self.allow_trace:
             headers = {k: v for k, v in headers.items() if k not in _TRACE_HEADERS}
-        counts = self._counts
+        plane, counts = self._plane, self._counts
         if counts is None:
-            counts = self._counts = self._resolve()
+            counts = self._counts = plane.metrics.stream_route(self.key)
         try:
-            await self._publish(subject, msg.data, reply=msg.reply, headers=headers)
+            await plane.publish(subject, msg.data, reply=msg.reply, headers=headers)
         except nats.errors.Error as exc:
             counts.failures.inc()
             _log.warning("message not carried", subject=msg.subject, deliver=subject, error=str(exc))
@@ -109,12 +110,12 @@ class _Carry:
             counts.bytes.inc(len(msg.data))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Route:
     revision: int  # the newest revision applied
     incarnation: str  # the trigger's creation time: a delete and a new create make a new one
     plan: tuple[str, str] | None  # (listen, deliver), None while disabled
-    subscription: Subscription | None  # None while disabled
+    subscription: RouteSubscription | None  # None while disabled
     carry: _Carry | None  # the subscription's callback, None while disabled
 
 
@@ -165,7 +166,10 @@ class SubscriptionCarrier:
         self._store = store
         self._connect = connect
         self._data: Client | None = None
+        self._lane: Lane | None = None  # the routes' subscriptions on the data connection
+        self._plane: _Plane | None = None
         self._following = contextlib.AsyncExitStack()
+        self.also: list[Apply] = []  # other data planes that follow the same keys with this watch
         self._routes: dict[str, _Route] = {}
         self._ended: dict[str, int] = {}  # key -> highest revision known to be no longer live
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -174,8 +178,10 @@ class SubscriptionCarrier:
     async def __aenter__(self) -> SubscriptionCarrier:
         """Connect the data plane and return once every live trigger of the bucket is carried."""
         self._data = await self._connect(self._settings, "trigger-service-routes")
+        self._lane = await Lane(self._data).__aenter__()
+        self._plane = _Plane(self._data, self._metrics)
         try:
-            following = self._store.following(STREAM_KEYS, self._apply, self._confirm_loaded)
+            following = self._store.following(STREAM_KEYS, [self._apply, *self.also], self._confirm_loaded)
             self.follower = await self._following.enter_async_context(following)
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -194,6 +200,9 @@ class SubscriptionCarrier:
         data, self._data = self._data, None
         if data is not None:
             await finish(data)  # unsubscribes every route once its received messages are carried
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.__aexit__(None, None, None)
 
     # --- the Carrier protocol -----------------------------------------------------------------
 
@@ -288,17 +297,16 @@ class SubscriptionCarrier:
 
     async def _start(
         self, key: str, incarnation: str, plan: tuple[str, str], allow_trace: bool
-    ) -> tuple[Subscription, _Carry]:
-        data = self._connected()
+    ) -> tuple[RouteSubscription, _Carry]:
+        if self._lane is None or self._plane is None:
+            raise Unavailable("the stream-trigger data plane is not running")
         listen, deliver = plan
-        carry = _Carry(data, listen, deliver, functools.partial(self._metrics.stream_route, key), allow_trace)
-        subscription = await data.subscribe(
+        carry = _Carry(self._plane, key, listen, deliver, allow_trace)
+        subscription = await self._lane.subscribe(
             listen,
             # Shared by the replicas, and by the old and new route of an update; new per incarnation.
-            queue=f"{self._store.bucket}.{key}.{incarnation}",
-            cb=carry.carry,
-            pending_msgs_limit=PENDING_MSGS_LIMIT,
-            pending_bytes_limit=PENDING_BYTES_LIMIT,
+            f"{self._store.bucket}.{key}.{incarnation}",
+            carry,
         )
         _log.debug("route started", key=key, listen=listen, deliver=deliver)
         return subscription, carry
@@ -322,7 +330,7 @@ class SubscriptionCarrier:
         if subscription is None:
             return
         try:
-            await asyncio.wait_for(subscription.drain(), self._flush_timeout)  # type: ignore[no-untyped-call]
+            await asyncio.wait_for(subscription.drain(), self._flush_timeout)
         except (TimeoutError, nats.errors.Error):
             _log.warning("old route not drained; unsubscribed", key=key)
             with contextlib.suppress(nats.errors.Error):

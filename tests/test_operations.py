@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from datetime import datetime
 
 import msgspec
 import pytest
 
+from service import store as store_module
 from tests.support import gateway_request, request, stream_request, unique
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -162,6 +164,46 @@ async def test_concurrent_gateways_on_one_route_give_one_201(nc):
         )
     )
     assert sorted(r.status for r in replies) == [201] + [409] * 9
+
+
+def _route_claim_key(method: str, path: str) -> str:
+    """Where the service keeps the claim of one gateway route (service.handlers `_claim_route`)."""
+    return f"=route.{method}.{hashlib.sha256(f'{method} {path}'.encode()).hexdigest()}"
+
+
+async def test_a_route_claimed_by_a_create_still_under_way_is_not_taken_over(nc, settings):
+    """A claims the route and has not stored its trigger yet: B's create of the same route is a 409,
+    not a take-over that ends with both answered 201 (seen: two 201s among 10 concurrent creates)."""
+    path = f"/{unique()}"
+    kv = await nc.jetstream().key_value(settings.bucket)
+    await kv.create(_route_claim_key("GET", path), f"a0.gateway.{unique()}".encode())  # A's claim
+    reply = await request(
+        nc, "ms.trigger.create.gateway", gateway_request(unique(), "GET", path), account="b"
+    )
+    assert reply.status == 409, reply.envelope
+    assert "already served" in reply.envelope["error"]
+
+
+@pytest.mark.parametrize("holder", ["deleted", "abandoned"])
+async def test_a_stale_route_claim_is_taken_over(nc, settings, monkeypatch, holder):
+    """A claim whose holder was deleted is free at once; one whose holder was never stored is free
+    once a create could no longer be under way (here the window is made short)."""
+    path = f"/{unique()}"
+    if holder == "deleted":
+        name = unique()
+        created = await request(
+            nc, "ms.trigger.create.gateway", gateway_request(name, "GET", path), account="a"
+        )
+        assert created.status == 201, created.envelope
+        assert (await request(nc, f"ms.trigger.delete.gateway.{name}", account="a")).status == 200
+    else:
+        monkeypatch.setattr(store_module, "CLAIM_UNDER_WAY", 0.0)
+        kv = await nc.jetstream().key_value(settings.bucket)
+        await kv.create(_route_claim_key("GET", path), f"a0.gateway.{unique()}".encode())
+    reply = await request(
+        nc, "ms.trigger.create.gateway", gateway_request(unique(), "GET", path), account="b"
+    )
+    assert reply.status == 201, reply.envelope
 
 
 # --- get -------------------------------------------------------------------------------------

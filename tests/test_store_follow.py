@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from schemas.triggers import StreamTrigger
 from service.app import running
 from service.config import Settings
 from service.natsserver import NatsServer
@@ -166,8 +167,63 @@ async def test_a_change_that_fails_to_apply_never_holds_up_the_others(nc, settin
                 raise RuntimeError("cannot carry this one (until the others are in)")
             applied.append(change.key)
 
-        async with store.following("acme.stream.*", apply):
+        async with store.following("acme.stream.*", [apply]):
             await eventually(lambda: "acme.stream.good" in applied, timeout=5)
             await kv.put("acme.stream.later", msgspec.json.encode(dict(record, name="later")))
             await eventually(lambda: "acme.stream.later" in applied, timeout=5)
             await eventually(lambda: "acme.stream.bad" in applied, timeout=10)
+
+
+async def test_a_follower_takes_this_replicas_own_writes_as_written_and_decodes_the_others(nc, settings):
+    """The records this process stored reach its followers as the very records it wrote (no decoding
+    again); a record another writer stored at a sequence is decoded from its bytes, never mistaken
+    for one of ours."""
+    async with running(settings):  # a record as the service stores it, to write more like it
+        template = await request(nc, f"{API}.create.stream", stream_request("t", f"in.{unique()}", "out.x"))
+    store = await TriggerStore.open(nc, settings.bucket)
+    kv = await nc.jetstream().key_value(settings.bucket)
+    body = {k: v for k, v in template.envelope["body"].items() if k != "revision"}
+    record = msgspec.convert(dict(body, name="mine", subject=f"{API}.stream.mine"), StreamTrigger)
+    changes: dict[str, Change] = {}
+
+    async def apply(change: Change) -> None:
+        changes[change.key] = change
+
+    async with store.following("acme.stream.*", [apply]):
+        mine = await store.create("acme.stream.mine", record)
+        other = msgspec.structs.replace(record, name="theirs")
+        theirs = await kv.put("acme.stream.theirs", msgspec.json.encode(other))
+        await eventually(lambda: {"acme.stream.mine", "acme.stream.theirs"} <= changes.keys(), timeout=5)
+    assert changes["acme.stream.mine"].revision == mine
+    assert changes["acme.stream.mine"].record is store._written[mine][1]
+    assert changes["acme.stream.theirs"].revision == theirs
+    assert changes["acme.stream.theirs"].record == other
+    assert theirs not in store._written
+
+
+async def test_data_planes_sharing_one_watch_each_get_every_change_and_fail_alone(nc, settings):
+    """Two data planes on one watch: one failing to apply a change does not keep it from the other,
+    and only the one that failed is asked again."""
+    store = await TriggerStore.open(nc, settings.bucket)
+    kv = await nc.jetstream().key_value(settings.bucket)
+    record = stream_request("x", f"in.{unique()}", "out.x", created_at="2026-12-02T00:00:00.000Z")
+    first: list[str] = []
+    second: list[str] = []
+    failures = 0
+
+    async def failing_once(change: Change) -> None:
+        nonlocal failures
+        if change.key == "acme.stream.a" and failures == 0:
+            failures += 1
+            raise RuntimeError("not now")
+        first.append(change.key)
+
+    async def steady(change: Change) -> None:
+        second.append(change.key)
+
+    async with store.following("acme.stream.*", [failing_once, steady]):
+        await kv.put("acme.stream.a", msgspec.json.encode(dict(record, name="a")))
+        await eventually(lambda: "acme.stream.a" in second, timeout=5)
+        await eventually(lambda: "acme.stream.a" in first, timeout=5)  # tried again a second later
+    assert failures == 1
+    assert second.count("acme.stream.a") == 1  # the plane that applied it was not asked again

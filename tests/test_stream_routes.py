@@ -281,6 +281,24 @@ async def test_a_deleted_route_no_longer_counts_for_cycles(nc):
     assert (await create(nc, f"{base}.b", f"{base}.a")).status == 201
 
 
+@pytest.mark.usefixtures("service")
+async def test_cycles_are_found_through_any_of_several_routes_from_one_source(nc):
+    """Three routes leave `a`; the cycle back through the one to `c` is found while it lives, and
+    deleting the others, or it, changes the answer only as it should."""
+    base = unique("l")
+    a, b, c, d = (f"{base}.{x}" for x in "abcd")
+    to_b = await created(nc, a, b)
+    to_c = await created(nc, a, c)
+    to_d = await created(nc, a, d)
+    assert "cycle" in (await create(nc, c, a)).envelope["error"]
+    await delete(nc, to_b)
+    await delete(nc, to_d)
+    assert "cycle" in (await create(nc, c, a)).envelope["error"]  # the one left from `a` still counts
+    await delete(nc, to_c)
+    assert (await create(nc, c, a)).status == 201
+    assert "cycle" in (await create(nc, a, c)).envelope["error"]  # a new route from `a` counts again
+
+
 # --- delete ----------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from service.accounts.system import SystemAccount
 from service.config import Settings
 from service.errors import BadRequest, NotFound, Unavailable
 from service.relay import relay_of
-from service.store import Change, Observer, TriggerStore, split_key
+from service.store import Apply, Change, Observer, TriggerStore, split_key
 from service.streams import route_of
 
 STREAM_KEYS = "*.stream.*"
@@ -63,6 +63,7 @@ class AccountsCarrier:
         self._known: dict[str, StreamTrigger] = {}
         self._revisions: dict[str, int] = {}  # key -> the revision of the record in `_known`
         self._following = contextlib.AsyncExitStack()
+        self.also: list[Apply] = []  # other data planes that follow the same keys with this watch
         self._loaded = False  # the start-up reconciliation is done: changes are carried as they come
         self._stopping = False
         self._reconciling: asyncio.Task[None] | None = None
@@ -82,7 +83,7 @@ class AccountsCarrier:
     async def __aenter__(self) -> AccountsCarrier:
         self._system = await SystemAccount.open(self.settings, on_reconnect=self._on_reconnect)
         self.service_account = await _own_account(self.store.js.nc)
-        following = self.store.following(STREAM_KEYS, self._apply, on_ready=self._loaded_all)
+        following = self.store.following(STREAM_KEYS, [self._apply, *self.also], on_ready=self._loaded_all)
         try:
             self.follower = await self._following.enter_async_context(following)
         except BaseException:

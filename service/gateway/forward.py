@@ -176,7 +176,7 @@ class GatewayRoutes:
     async def __aenter__(self) -> GatewayRoutes:
         """Load every live gateway trigger, then follow the bucket's changes."""
         self.follower = await self._following.enter_async_context(
-            self._store.following(KEY_PATTERN, self._apply)
+            self._store.following(KEY_PATTERN, [self._apply])
         )
         _log.info("routes loaded", routes=len(self._routes), bucket=self._store.bucket)
         return self
