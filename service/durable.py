@@ -59,7 +59,7 @@ from schemas.triggers import (
     DeliveryStats,
     StreamTrigger,
 )
-from service import log, subjects
+from service import log, requests, subjects
 from service.config import Settings
 from service.connections import finish
 from service.errors import Conflict, NotFound, Unavailable
@@ -323,6 +323,13 @@ class DurableRoutes:
         no longer wants is removed at once; a change merely followed removes one only when the
         bucket, read again, does not want it either (a newer revision may have brought it back).
         """
+        if (
+            trigger is not None
+            and not trigger.durable
+            and not (previous is not None and previous.durable)
+            and key not in self._durable
+        ):
+            return  # a direct route this replica never delivered durably: nothing to do (most changes)
         async with self._lock(key):
             if self._ended.get(key, 0) >= revision:
                 return  # deleted already: a late event must not bring it back
@@ -613,7 +620,7 @@ class DurableRoutes:
         if by_jetstream:
             headers = {"Nats-Msg-Id": msg_id, **(headers or {})}
         try:
-            reply = await data.request(subject, msg.data, timeout=timeout, headers=headers)
+            reply = await requests.request(data, subject, msg.data, wait=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             if by_jetstream:
                 return f"no JetStream stream stores {subject!r}"

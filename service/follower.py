@@ -30,7 +30,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from service import log
+from service import log, timers
 from service.errors import Unavailable
 from service.jetstream import JetStream
 
@@ -113,7 +113,8 @@ class OrderedConsumer:
             if not self._queue:
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), STALLED_AFTER)
+                    async with asyncio.timeout(STALLED_AFTER):  # no task per wait, as wait_for makes
+                        await self._arrived.wait()
                 except TimeoutError:
                     raise WatchLost(f"nothing arrived for {STALLED_AFTER}s") from None
             msg = self._queue.popleft()
@@ -336,12 +337,13 @@ class Follower(Generic[C]):
             return
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (seq, next(self._tiebreak), waiter))
+        timer = timers.fail_after(
+            waiter, within, Unavailable, "the service has not caught up with the trigger store"
+        )
         try:
-            async with asyncio.timeout(within):
-                await waiter
-        except TimeoutError:
-            raise Unavailable("the service has not caught up with the trigger store") from None
+            await waiter
         finally:
+            timer.cancel()
             waiter.cancel()  # a no-op once resolved; a cancelled waiter is dropped by a later advance
 
 

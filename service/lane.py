@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.protocol import command as prot_command
 
 from service import log
 
@@ -147,7 +148,9 @@ class Lane:
         sub = RouteSubscription(self, nc._sid, subject, queue, cb)
         self.subscriptions[sub._id] = sub
         nc._subs[sub._id] = sub  # type: ignore[assignment]
-        await nc._send_subscribe(sub)  # type: ignore[arg-type]
+        await nc._send_command(prot_command.sub_cmd(subject, queue, sub._id))
+        if nc._flush_queue is not None and nc._flush_queue.empty():  # as a publish: the flusher
+            await nc._flush_pending()  # writes everything pending, so one kick at a time is enough
         return sub
 
     def put_nowait(self, msg: Msg) -> None:

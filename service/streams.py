@@ -56,6 +56,7 @@ STREAM_KEYS = "*.stream.*"  # every account: single-account mode shares one subj
 TRACE_DEST = "Nats-Trace-Dest"
 _TRACE_HEADERS = frozenset({TRACE_DEST, "Nats-Trace-Only"})
 
+_NOT_ALPHANUMERIC = re.compile(r"[^0-9A-Za-z]")
 _log = log.get("streams")
 
 
@@ -129,7 +130,7 @@ def _plan(trigger: StreamTrigger) -> tuple[str, str]:
 
 def _incarnation(trigger: StreamTrigger) -> str:
     """A queue-group token of the trigger's incarnation: its creation time, digits and letters only."""
-    return re.sub(r"[^0-9A-Za-z]", "", trigger.created_at) or "0"
+    return _NOT_ALPHANUMERIC.sub("", trigger.created_at) or "0"
 
 
 def allows_trace(trigger: StreamTrigger) -> bool:

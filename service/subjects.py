@@ -15,11 +15,13 @@ def wildcards(subject: str) -> list[str]:
 
 def is_literal(subject: str) -> bool:
     """True when the subject has no wildcard token."""
-    return not wildcards(subject)
+    return ("*" not in subject and ">" not in subject) or not wildcards(subject)
 
 
 def overlap(a: str, b: str) -> bool:
     """True when some concrete subject matches both patterns."""
+    if "*" not in a and ">" not in a and "*" not in b and ">" not in b:
+        return a == b  # two literal subjects (the common case: no splitting)
     ta, tb = tokens(a), tokens(b)
     for x, y in zip(ta, tb, strict=False):
         if x == ">" or y == ">":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -77,7 +78,8 @@ def parse(headers: Mapping[str, str] | None) -> TraceContext | None:
 
 def new() -> TraceContext:
     """A new trace: random ids, not sampled (nothing recorded it)."""
-    return TraceContext(f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00")
+    # Random, not secret (as OpenTelemetry's own id generator): no system call for each request.
+    return TraceContext(f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-00")
 
 
 def enabled() -> bool:

@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from schemas.openapi import HealthBody, HealthReply, document
 from schemas.triggers import ErrorReply
-from service import log, tracing
+from service import log, requests, tracing
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import (
@@ -205,7 +205,7 @@ class TriggerApi:
                 "trigger API request", {"messaging.destination.name": subject}
             ) as trace:
                 headers.update(trace.headers())
-                reply = await self._nc.request(subject, payload, timeout=timeout, headers=headers)
+                reply = await requests.request(self._nc, subject, payload, wait=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise Unavailable("no Trigger Service instance is running") from None
         except nats.errors.TimeoutError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import re
 import time
@@ -144,7 +143,7 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
     """Request id in and out, errors as envelopes, and one access-log line per request."""
     started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
     request[REQUEST_ID] = request_id
     route = _route_of(request)
     span = request[TRACE] = tracing.begin(f"HTTP {route}", tracing.parse(request.headers))
@@ -291,7 +290,7 @@ class _Connection(web_protocol.RequestHandler):
             raise exc  # the caller has gone (aiohttp closes the connection quietly)
         if request.writer.output_size > 0:
             raise ConnectionError("the response was sent in part; only closing the connection is left")
-        request_id = os.urandom(16).hex()
+        request_id = f"{random.getrandbits(128):032x}"
         if isinstance(exc, HttpProcessingError):
             error = _refusal(exc, self.max_line_size, self.max_field_size)
         elif status == 504:

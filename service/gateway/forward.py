@@ -26,7 +26,7 @@ from multidict import CIMultiDictProxy
 from nats.aio.client import Client
 
 from schemas.triggers import ErrorReply, GatewayTrigger
-from service import log, paths
+from service import log, paths, requests
 from service.auth import DEFAULT_ACCOUNT, Authenticator, bearer_token
 from service.config import Settings
 from service.errors import (
@@ -341,7 +341,7 @@ class GatewayRoutes:
         ) as trace:
             out.update(trace.headers())
             try:
-                reply = await self._nc.request(subject, body, timeout=route.timeout, headers=out)
+                reply = await requests.request(self._nc, subject, body, wait=route.timeout, headers=out)
             except nats.errors.NoRespondersError:
                 route.counts.no_responders.inc()
                 return _error(Unavailable(f"no responder for {method} {route.path}"))
