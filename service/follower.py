@@ -24,13 +24,13 @@ import heapq
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from service import log, timers
+from service import log, subscriptions, timers
 from service.errors import Unavailable
 from service.jetstream import JetStream
 
@@ -71,21 +71,14 @@ class OrderedConsumer:
         self._arrived = asyncio.Event()
         self._cseq = 0
         self._name = ""
-        self._sub: Any = None
+        self._sub: subscriptions.DirectSubscription | None = None
         self.node = ""  # the server that holds the consumer (clustered JetStream)
 
     async def start(self, key_pattern: str, deliver_policy: str, start_seq: int = 0) -> None:
         """Create the consumer and subscribe to its deliveries (from `start_seq` when given)."""
         inbox = self._nc.new_inbox()
         self._name = inbox.rsplit(".", 1)[-1]
-
-        async def received(msg: Msg) -> None:
-            self._queue.append(msg)
-            self._arrived.set()
-
-        self._sub = await self._nc.subscribe(
-            inbox, cb=received, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
+        self._sub = await subscriptions.subscribe(self._nc, inbox, self)
         config = {
             "name": self._name,
             "deliver_subject": inbox,
@@ -106,6 +99,11 @@ class OrderedConsumer:
         request = {"stream_name": stream, "config": config}
         info = await self._js.api(f"CONSUMER.CREATE.{stream}.{self._name}", request)
         self.node = str((info.get("cluster") or {}).get("leader") or "")
+
+    def put_nowait(self, msg: Msg) -> None:
+        """A delivery, as the client parses it (service.subscriptions)."""
+        self._queue.append(msg)
+        self._arrived.set()
 
     async def next(self) -> Delivery:
         """The next delivery; WatchLost when the watch can no longer be trusted."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import datetime
 import logging
 import sys
 import threading
@@ -30,6 +31,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         (lambda *_: lines) if lines is not None else structlog.PrintLoggerFactory(file=sys.stderr)
     )
     numeric = logging.getLevelName(level.upper())
+    _hot.writer, _hot.info = lines, numeric <= logging.INFO
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -83,6 +85,36 @@ class LineWriter:
             with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr loses the lines
                 self._file.write(b"".join(lines))
                 self._file.flush()
+
+
+class _Hot:
+    """How `hot` lines are written: straight to the JSON writer (None: through structlog)."""
+
+    writer: LineWriter | None = None
+    info = True  # info lines are logged
+
+
+_hot = _Hot()
+
+
+def hot(component: str, event: str) -> Callable[..., None]:
+    """A logger of one info line written once per request (the service's request line, the
+    sidecar's access line), with every field it carries given: in JSON, the line structlog's
+    processors would write (the component, the fields, the event, its level and an ISO time in
+    UTC), encoded and handed to the writer at once, which is a third of the cost; else through
+    structlog. The context variables are not merged in: pass what the line needs."""
+    logger = get(component)
+
+    def line(**fields: object) -> None:
+        writer = _hot.writer
+        if writer is None:
+            logger.info(event, **fields)
+        elif _hot.info:
+            now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+            record = {"component": component, **fields, "event": event, "level": "info", "timestamp": now}
+            writer.msg(_encoder.encode(record))
+
+    return line
 
 
 _encoder = msgspec.json.Encoder(enc_hook=repr)  # what JSON cannot hold is logged as its repr()

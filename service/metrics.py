@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -278,6 +279,21 @@ class SidecarMetrics(Metrics):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # The series of each (route template, status) and route template, resolved once: a labels()
+        # lookup per request and series cost as much as counting.
+        self._answered: dict[tuple[str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def http_answered(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered HTTP request of a route template (never a path: the series stay few)."""
+        counter = self._answered.get((route, status))
+        if counter is None:
+            counter = self._answered[(route, status)] = self.http_requests.labels(route, str(status))
+        counter.inc()
+        duration = self._durations.get(route)
+        if duration is None:
+            duration = self._durations[route] = self.http_duration.labels(route)
+        duration.observe(seconds)
 
     def gateway_route(self, key: str) -> GatewayRouteMetrics:
         """The counters of the gateway trigger at `key`, resolved once per stored revision."""

@@ -3,8 +3,9 @@
 nats-py's `Client.request` draws a random token from `secrets` (a system call) and waits with
 `asyncio.wait_for` (a task) for every request: together a tenth of a create's CPU in the service
 and of a gateway request's in the sidecar. Here a token is a counter under the connection's own
-random inbox prefix, and the wait is a timer on the reply's future (service.timers). The errors are nats-py's:
-NoRespondersError, TimeoutError, and whatever a publish raises.
+random inbox prefix, the wait is a timer on the reply's future (service.timers), and the reply sets
+the future as the client parses it (service.subscriptions), a turn of the event loop sooner. The
+errors are nats-py's: NoRespondersError, TimeoutError, and whatever a publish raises.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from service import timers
+from service import subscriptions, timers
 
 _NO_RESPONDERS = "503"
 _requesters: weakref.WeakKeyDictionary[Client, _Requester] = weakref.WeakKeyDictionary()
@@ -42,6 +43,7 @@ class _Requester:
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = ""
+        self._ready = False  # subscribed to the replies
         self._starting: asyncio.Future[None] | None = None
         self._tokens = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
@@ -50,7 +52,7 @@ class _Requester:
         nc = self._nc
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
-        if not self._prefix:
+        if not self._ready:
             await self._start()
         token = str(next(self._tokens))
         reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
@@ -74,8 +76,9 @@ class _Requester:
         self._starting = asyncio.get_running_loop().create_future()
         try:
             prefix = self._nc.new_inbox() + "."
-            await self._nc.subscribe(prefix + "*", cb=self._received)
-            self._prefix = prefix
+            self._prefix = prefix  # before the SUB: a reply may be parsed as soon as it is written
+            await subscriptions.subscribe(self._nc, prefix + "*", self)
+            self._ready = True
             self._starting.set_result(None)
         except BaseException as exc:
             self._starting.set_exception(exc)
@@ -83,7 +86,8 @@ class _Requester:
             self._starting = None
             raise
 
-    async def _received(self, msg: Msg) -> None:
+    def put_nowait(self, msg: Msg) -> None:
+        """A reply, as the client parses it (service.subscriptions): its request's future is set."""
         reply = self._waiting.get(msg.subject[len(self._prefix) :])
         if reply is not None and not reply.done():
             reply.set_result(msg)

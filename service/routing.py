@@ -32,6 +32,7 @@ SERVICE_NAME = "trigger-service"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 _log = log.get("routing")
+_request_line = log.hot("routing", "request")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -242,6 +243,7 @@ class Api:
         self._auth = auth
         self.metrics = metrics or ServiceMetrics()
         self._durations = {op.name: self.metrics.api_duration.labels(op.name) for op in OPERATIONS}
+        self._answered: dict[tuple[str, int], Any] = {}  # (operation, status) -> its series
         self._log_sample = ctx.settings.request_log_sample
         self._span_attributes = {
             op.name: {"messaging.system": "nats", "trigger.operation": op.name} for op in OPERATIONS
@@ -349,12 +351,19 @@ class Api:
                 counts.errors += 1
                 counts.last_error = error
             self.metrics.api_in_flight.dec()
-            self.metrics.api_requests.labels(op.name, str(status)).inc()
+            answered = self._answered.get((op.name, status))
+            if answered is None:  # resolved once: a labels() lookup per request cost as much as counting
+                answered = self._answered[(op.name, status)] = self.metrics.api_requests.labels(
+                    op.name, str(status)
+                )
+            answered.inc()
             self._durations[op.name].observe(elapsed)
             span.end(status)
             if status >= 400 or self._log_sample >= 1.0 or random.random() < self._log_sample:
-                _log.info(
-                    "request",
+                _request_line(
+                    subject=request.subject,
+                    request_id=headers.get(REQUEST_ID_HEADER),
+                    trace_id=span.trace_id,
                     operation=op.name,
                     account=account,
                     status=status,

@@ -45,9 +45,9 @@ from service import log, replies, subjects
 from service.config import Settings
 from service.connections import finish
 from service.errors import Unavailable
-from service.lane import Lane, RouteSubscription
 from service.metrics import ServiceMetrics, StreamRouteMetrics
 from service.store import Apply, Change, Observer, TriggerStore
+from service.subscriptions import Lane, RouteSubscription
 
 Connect = Callable[[Settings, str], Awaitable[Client]]
 

@@ -27,7 +27,7 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.errors import ApiError, BadRequest, GatewayTimeout, Internal, Unavailable, invalid
 from service.gateway.api import JSON, REQUEST_ID, ExpectHandler, Handler, error_response, not_connected
-from service.gateway.forward import GatewayRoutes
+from service.gateway.forward import GatewayRoutes, Route
 from service.gateway.pages import not_read
 from service.gateway.traffic import RecentTraffic, RouteTraffic
 from service.routing import REQUEST_ID_HEADER
@@ -146,16 +146,20 @@ class Console:
 
     def observed(self, routes: GatewayRoutes) -> Handler:
         """`routes.handle`, counting each answer of a live route in `traffic`."""
-        record = self.traffic.record
 
         async def handle(request: web.Request) -> web.StreamResponse:
             route = routes.route_for(request.method, request.rel_url.raw_path)
-            response = await routes.handle(request)
-            if route is not None:
-                record(route.subject, response.status)
-            return response
+            if route is None:
+                return await routes.handle(request)  # its 404 or 405
+            return await self.serve(routes, request, route)
 
         return handle
+
+    async def serve(self, routes: GatewayRoutes, request: web.Request, route: Route) -> web.StreamResponse:
+        """`routes.serve`, counting the answer in `traffic`."""
+        response = await routes.serve(request, route)
+        self.traffic.record(route.subject, response.status)
+        return response
 
     async def triggers(self, request: web.Request) -> web.Response:
         """The caller's triggers that match the query, one page of the service's list."""

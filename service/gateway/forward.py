@@ -260,13 +260,16 @@ class GatewayRoutes:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one HTTP request on a gateway trigger's route, or 404."""
-        method = request.method
         # The path as sent, in the canonical form routes are stored and claimed in; one without a
         # canonical form (`%2F`, a `%` that starts no escape) is no route's.
         path = paths.canonical_or_none(request.rel_url.raw_path)
-        route = self._routes.get((method, path)) if path is not None else None
+        route = self._routes.get((request.method, path)) if path is not None else None
         if route is None:
             return self._no_route(request, path)
+        return await self.serve(request, route)
+
+    async def serve(self, request: web.Request, route: Route) -> web.StreamResponse:
+        """Serve one HTTP request on `route` (the one `route_for` names for it)."""
         started = time.perf_counter()
         response = await self._forward(request, route)
         route.counts.answered(response.status, time.perf_counter() - started)
