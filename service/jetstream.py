@@ -14,6 +14,8 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import itertools
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,6 @@ from typing import Any, Literal
 import msgspec
 import nats.errors
 from nats.aio.client import Client
-from nats.nuid import NUID
 
 from service import log, requests, tracing
 from service.errors import ApiError, Unavailable
@@ -172,7 +173,8 @@ class JetStream:
     def __init__(self, nc: Client, stream: str) -> None:
         self.nc = nc
         self.stream = stream
-        self._nuid = NUID()
+        self._id_prefix = os.urandom(12).hex() + "-"
+        self._id_sequence = itertools.count(1)
 
     async def api(self, verb: str, request: dict[str, Any], deadline: float = READ_DEADLINE) -> Any:
         """`$JS.API.<verb>`, retried while JetStream cannot answer; Unavailable after `deadline`."""
@@ -247,9 +249,10 @@ class JetStream:
             return await self._publish(subject, data, expected_last)
 
     async def _publish(self, subject: str, data: bytes, expected_last: int) -> int:
-        # NUID, as NATS clients make message ids: a random prefix per process and a sequence, no
-        # system call per write (os.urandom and uuid4 each cost 3-4% of a create).
-        msg_id = self._nuid.next().decode()
+        # A random prefix of this object's own and a sequence, as NUID makes ids but without its
+        # character loop: no system call per write (os.urandom and uuid4 each cost 3-4% of a
+        # create, NUID 2.6%). Unique within the duplicate window across every writer.
+        msg_id = f"{self._id_prefix}{next(self._id_sequence)}"
         headers = {MSG_ID: msg_id, EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last)}
         give_up = _give_up(WRITE_DEADLINE)
         uncertain = False  # an attempt may have reached the leader without our hearing back

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import datetime
 import logging
 import sys
@@ -34,6 +35,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     _hot.writer, _hot.info = lines, numeric <= logging.INFO
     structlog.configure(
         processors=[
+            _merge_request,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -85,6 +87,33 @@ class LineWriter:
             with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr loses the lines
                 self._file.write(b"".join(lines))
                 self._file.flush()
+
+
+_request: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "log_request", default=None
+)
+
+
+def bind_request(**fields: object) -> contextvars.Token[dict[str, object] | None]:
+    """Fields every line logged in this context carries (a request's subject, request id, trace
+    id): one context variable for all of them, where structlog's `bind_contextvars` sets one per
+    field (3-4 us a request); `unbind_request` with the token undoes it."""
+    return _request.set(fields)
+
+
+def unbind_request(token: contextvars.Token[dict[str, object] | None]) -> None:
+    """Undo `bind_request`."""
+    _request.reset(token)
+
+
+def _merge_request(
+    logger: structlog.typing.WrappedLogger, method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    fields = _request.get()
+    if fields:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+    return event
 
 
 class _Hot:

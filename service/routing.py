@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import structlog
 from nats.aio.client import Client
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, EndpointStats, Service, ServiceConfig
@@ -321,7 +320,7 @@ class Api:
             f"trigger-service {op.name}", tracing.parse(headers), attributes=self._span_attributes[op.name]
         )
         # Each request runs in a task of its own, whose context dies with it: bind, no unbind.
-        structlog.contextvars.bind_contextvars(
+        log.bind_request(
             subject=request.subject, request_id=headers.get(REQUEST_ID_HEADER), trace_id=span.trace_id
         )
         try:

@@ -16,7 +16,6 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import structlog
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import (
@@ -180,11 +179,11 @@ async def _served(
     span = request[TRACE] = tracing.begin(f"HTTP {route}", tracing.parse(request.headers))
     counts.http_in_flight.inc()
     response: web.StreamResponse | None = None
-    bound = structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=span.trace_id)
+    bound = log.bind_request(request_id=request_id, trace_id=span.trace_id)
     try:
         response = await _answer(request, handler, request_id)
     finally:
-        structlog.contextvars.reset_contextvars(**bound)
+        log.unbind_request(bound)
         counts.http_in_flight.dec()
         status = response.status if response is not None else 499  # the caller went away
         elapsed = time.perf_counter() - started
