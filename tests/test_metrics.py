@@ -240,6 +240,32 @@ async def test_the_sidecars_metrics_need_a_token_and_show_only_the_callers_accou
     assert value(theirs, "trigger_routes_live", kind="gateway") is not None  # series of no account
 
 
+async def test_api_requests_over_http_are_answered_and_counted_alike_in_every_spelling(nc, sidecar, http):
+    """A plain path and one with percent-escapes take different ways through the sidecar (the fast
+    lane, aiohttp's router): the same answers, counted under the same route template."""
+    name = unique()
+    auth = {"Authorization": f"Bearer {token('acme')}"}
+    body = stream_request(name, f"m.{name}", f"d.{name}")
+    async with http.post(f"{sidecar}/trigger/stream", json=body, headers=auth) as response:
+        assert response.status == 201, await response.text()
+    answers_ = []
+    for path in (f"/trigger/triggers/stream/{name}", "/trigger/triggers/%73tream/" + name):
+        async with http.get(f"{sidecar}{path}", headers=auth) as response:
+            answers_.append((response.status, response.headers.get("ETag"), (await response.json())["body"]))
+    assert answers_[0] == answers_[1]
+    assert answers_[0][0] == 200
+    assert answers_[0][2]["name"] == name
+    async with http.get(f"{sidecar}/trigger/triggers/stream/{unique()}", headers=auth) as response:
+        assert response.status == 404
+    async with http.delete(f"{sidecar}/trigger/triggers/stream/{name}/history", headers=auth) as response:
+        assert response.status == 405  # not a route of the table: the router's answer
+    samples = await scrape(http, f"{sidecar}/metrics", "acme")
+    assert value(samples, "trigger_http_requests_total", route="/trigger/stream", status="201") == 1
+    by_name = "/trigger/triggers/{type}/{name}"
+    assert value(samples, "trigger_http_requests_total", route=by_name, status="200") == 2
+    assert value(samples, "trigger_http_requests_total", route=by_name, status="404") == 1
+
+
 async def test_the_sidecars_private_listener_serves_every_account_without_a_token(
     nc: Client, settings: config.Settings, service, http
 ):

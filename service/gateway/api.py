@@ -8,6 +8,7 @@ the service would, so that an anonymous caller learns nothing about its request.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -105,6 +106,12 @@ class TriggerApi:
         self._nc = nc
         self._auth = Authenticator(settings)
         self._openapi = _encode(document(settings.prefix))
+        self._subjects = {op.name: f"{settings.prefix}.{op.subject}".split(".") for op in OPERATIONS}
+        # The routes `route_for` serves without the router: static paths, and by method the ones
+        # that name one trigger.
+        self._static = {(op.http_method, op.http_path): op for op in OPERATIONS if "{" not in op.http_path}
+        self._by_name = {op.http_method: op for op in OPERATIONS if op.http_path.endswith("/{type}/{name}")}
+        self._history = next(op for op in OPERATIONS if op.http_path.endswith("/{type}/{name}/history"))
 
     def add_routes(self, router: web.UrlDispatcher, expect_handler: ExpectHandler | None = None) -> None:
         """Register every static route; a known path with another method answers 405."""
@@ -145,6 +152,27 @@ class TriggerApi:
         body = HealthReply(body=HealthBody(status="ok", service_id=ping.id, service_version=ping.version))
         return web.Response(body=_encode(body), content_type=JSON)
 
+    def route_for(self, request: web.Request) -> tuple[str, Handler] | None:
+        """The route template and handler of an API request that needs no router: one of the
+        operation table's routes, with a path that holds no percent-escape (so its parameters are
+        what aiohttp's router would find); None for every other request (the application routes
+        it, and answers its 404s and 405s)."""
+        raw = request.rel_url.raw_path
+        if not raw.startswith("/trigger/") or "%" in raw:
+            return None
+        method = request.method
+        op = self._static.get((method, raw))
+        if op is not None:
+            return op.http_path, functools.partial(self._forward, op, {})
+        parts = raw.split("/")  # "", "trigger", "triggers", type, name[, "history"]
+        if len(parts) == 5 and parts[2] == "triggers":
+            op = self._by_name.get(method)
+        elif len(parts) == 6 and parts[2] == "triggers" and parts[5] == "history" and method == "GET":
+            op = self._history
+        if op is None or not parts[3] or not parts[4]:
+            return None
+        return op.http_path, functools.partial(self._forward, op, {"type": parts[3], "name": parts[4]})
+
     def _forwarder(self, op: Operation) -> Handler:
         subject = f"{self._settings.prefix}.{op.subject}"
         params = _PATH_PARAM.findall(op.http_path)
@@ -152,21 +180,27 @@ class TriggerApi:
             raise ValueError(f"{op.name}: {op.http_path} does not fill every `*` of {subject}")
 
         async def forward(request: web.Request) -> web.Response:
-            try:
-                try:
-                    tokens = iter([_token(name, request.match_info[name]) for name in params])
-                    target = ".".join(next(tokens) if part == "*" else part for part in subject.split("."))
-                    if_match = _if_match(request) if op.conditional else None
-                    payload = await self._payload(op, request)
-                except ApiError:
-                    self._auth.authenticate(request.headers, write=op.write)  # 401 before the 400
-                    raise
-                return await self._request(target, payload, request, if_match, op.etag)
-            except ApiError as error:
-                return error_response(error)
+            return await self._forward(op, request.match_info, request)
 
         forward.__doc__ = f"{op.http_method} {op.http_path}: {op.summary}."
         return forward
+
+    async def _forward(
+        self, op: Operation, path_params: Mapping[str, str], request: web.Request
+    ) -> web.Response:
+        """One operation's request, forwarded over NATS, with the path's parameters."""
+        try:
+            try:
+                tokens = iter([_token(name, path_params[name]) for name in _PATH_PARAM.findall(op.http_path)])
+                target = ".".join(next(tokens) if part == "*" else part for part in self._subjects[op.name])
+                if_match = _if_match(request) if op.conditional else None
+                payload = await self._payload(op, request)
+            except ApiError:
+                self._auth.authenticate(request.headers, write=op.write)  # 401 before the 400
+                raise
+            return await self._request(target, payload, request, if_match, op.etag)
+        except ApiError as error:
+            return error_response(error)
 
     async def _payload(self, op: Operation, request: web.Request) -> bytes:
         if (request.content_length or 0) > MAX_BODY:

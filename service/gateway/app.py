@@ -121,8 +121,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[str]:
             await stack.enter_async_context(metrics.listening(counts, settings.metrics_addr))
         # Read gateway bodies up to the server's max payload; the API routes stop at 1 MiB themselves.
         console = Console(settings, nc, RouteTraffic(), routes.metrics.registry)
-        app = build_app(settings, TriggerApi(settings, nc), routes, console, max(MAX_BODY, nc.max_payload))
-        runner = _Runner(app, gateway_lane(routes, console, routes.metrics, settings.request_log_sample))
+        api = TriggerApi(settings, nc)
+        app = build_app(settings, api, routes, console, max(MAX_BODY, nc.max_payload))
+        runner = _Runner(app, fast_lane(api, routes, console, routes.metrics, settings.request_log_sample))
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         host, port = settings.http_addr.rsplit(":", 1)
@@ -148,17 +149,22 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
     )
 
 
-def gateway_lane(
-    routes: GatewayRoutes, console: Console, counts: metrics.SidecarMetrics, sample: float
+def fast_lane(
+    api: TriggerApi, routes: GatewayRoutes, console: Console, counts: metrics.SidecarMetrics, sample: float
 ) -> Lane:
-    """The way of a request on a live gateway trigger's route, past the application's router and
-    middleware chain (a tenth of such a request's CPU): answered as the access-log middleware
-    answers (`_served`), by the console-observed route. None for every other request, and for one
-    that expects something (the application answers `Expect`)."""
+    """The way of an API request and of a request on a live gateway trigger's route past the
+    application's router and middleware chain (a tenth of such a request's CPU): answered as the
+    access-log middleware answers (`_served`), by the API's handler or the console-observed
+    route. None for every other request, and for one that expects something (the application
+    answers `Expect`)."""
 
     def lane(request: web.Request) -> Awaitable[web.StreamResponse] | None:
         if hdrs.EXPECT in request.headers:
             return None
+        api_route = api.route_for(request)
+        if api_route is not None:
+            template, handler = api_route
+            return _served(request, handler, template, counts, sample)
         route = routes.route_for(request.method, request.rel_url.raw_path)
         if route is None:
             return None
@@ -349,7 +355,7 @@ class _Connection(web_protocol.RequestHandler):
 
 
 class _Server(web.Server):
-    """aiohttp's low-level server, making `_Connection`s; the gateway lane first."""
+    """aiohttp's low-level server, making `_Connection`s; the fast lane first."""
 
     def __init__(self, app_server: web.Server, lane: Lane) -> None:
         handler = app_server.request_handler
@@ -372,7 +378,7 @@ class _Server(web.Server):
 
 
 class _Runner(web.AppRunner):
-    """An AppRunner whose connections answer in the envelope (`_Connection`), the gateway lane first."""
+    """An AppRunner whose connections answer in the envelope (`_Connection`), the fast lane first."""
 
     def __init__(self, app: web.Application, lane: Lane) -> None:
         super().__init__(app, handle_signals=False)
