@@ -144,12 +144,18 @@ class Span:
         """The trace id, for the log lines."""
         return self.context.trace_id
 
-    @contextlib.contextmanager
-    def child(self, name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[TraceContext]:
-        """A client span under this one (a NATS request); yields the context to send with it."""
+    def child(
+        self, name: str, attributes: Mapping[str, Any] | None = None
+    ) -> contextlib.AbstractContextManager[TraceContext]:
+        """A client span under this one (a NATS request); yields the context to send with it
+        (without spans, only that: no generator per request)."""
         if self._otel is None or _tracer is None:
-            yield self.context
-            return
+            return contextlib.nullcontext(self.context)
+        return self._client_span(name, attributes)
+
+    @contextlib.contextmanager
+    def _client_span(self, name: str, attributes: Mapping[str, Any] | None) -> Iterator[TraceContext]:
+        assert _tracer is not None
         with _tracer.start_as_current_span(name, kind=_trace.SpanKind.CLIENT, attributes=attributes) as span:
             yield _context_of(span, self.context.tracestate)
 
@@ -185,14 +191,18 @@ def begin(
     return Span(_context_of(span, parent.tracestate if parent else None), span, token)
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """An internal span under the current one (a store write); nothing without spans."""
+_NO_SPAN = contextlib.nullcontext()
+
+
+def span(name: str, attributes: Mapping[str, Any] | None = None) -> contextlib.AbstractContextManager[Any]:
+    """An internal span under the current one (a store write); nothing without spans (and then no
+    generator per call: one per KV write showed in a create's profile)."""
     if _tracer is None:
-        yield
-        return
-    with _tracer.start_as_current_span(name, attributes=attributes):
-        yield
+        return _NO_SPAN
+    manager: contextlib.AbstractContextManager[Any] = _tracer.start_as_current_span(
+        name, attributes=attributes
+    )
+    return manager
 
 
 def _context_of(span: Any, tracestate: str | None) -> TraceContext:

@@ -107,6 +107,7 @@ class TriggerApi:
         self._auth = Authenticator(settings)
         self._openapi = _encode(document(settings.prefix))
         self._subjects = {op.name: f"{settings.prefix}.{op.subject}".split(".") for op in OPERATIONS}
+        self._params = {op.name: _PATH_PARAM.findall(op.http_path) for op in OPERATIONS}
         # The routes `route_for` serves without the router: static paths, and by method the ones
         # that name one trigger.
         self._static = {(op.http_method, op.http_path): op for op in OPERATIONS if "{" not in op.http_path}
@@ -191,7 +192,7 @@ class TriggerApi:
         """One operation's request, forwarded over NATS, with the path's parameters."""
         try:
             try:
-                tokens = iter([_token(name, path_params[name]) for name in _PATH_PARAM.findall(op.http_path)])
+                tokens = iter([_token(name, path_params[name]) for name in self._params[op.name]])
                 target = ".".join(next(tokens) if part == "*" else part for part in self._subjects[op.name])
                 if_match = _if_match(request) if op.conditional else None
                 payload = await self._payload(op, request)
