@@ -313,7 +313,7 @@ class Api:
         counts = self._counts[op.name]
         counts.in_flight += 1
         counts.peak_in_flight = max(counts.peak_in_flight, counts.in_flight)
-        self.metrics.api_in_flight.inc()
+        self.metrics.api_in_flight += 1
         headers = request.headers or {}
         status, account, error = 500, None, "500:Internal server error"
         span = tracing.begin(
@@ -349,7 +349,7 @@ class Api:
             if status >= 400:
                 counts.errors += 1
                 counts.last_error = error
-            self.metrics.api_in_flight.dec()
+            self.metrics.api_in_flight -= 1
             answered = self._answered.get((op.name, status))
             if answered is None:  # resolved once: a labels() lookup per request cost as much as counting
                 answered = self._answered[(op.name, status)] = self.metrics.api_requests.labels(

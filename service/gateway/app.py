@@ -183,14 +183,14 @@ async def _served(
     request_id = incoming if _REQUEST_ID.fullmatch(incoming) else f"{random.getrandbits(128):032x}"
     request[REQUEST_ID] = request_id
     span = request[TRACE] = tracing.begin(f"HTTP {route}", tracing.parse(request.headers))
-    counts.http_in_flight.inc()
+    counts.http_in_flight += 1
     response: web.StreamResponse | None = None
     bound = log.bind_request(request_id=request_id, trace_id=span.trace_id)
     try:
         response = await _answer(request, handler, request_id)
     finally:
         log.unbind_request(bound)
-        counts.http_in_flight.dec()
+        counts.http_in_flight -= 1
         status = response.status if response is not None else 499  # the caller went away
         elapsed = time.perf_counter() - started
         counts.http_answered(route, status, elapsed)
