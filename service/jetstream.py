@@ -17,7 +17,6 @@ import contextvars
 import itertools
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -93,14 +92,10 @@ class StoredMessage(msgspec.Struct, frozen=True):
     time: str
 
 
-@contextlib.contextmanager
-def budget(seconds: float = OPERATION_DEADLINE) -> Iterator[None]:
-    """Bound every JetStream call made inside (in this task and the tasks it starts) to `seconds` in all."""
-    token = _budget.set(time.monotonic() + seconds)
-    try:
-        yield
-    finally:
-        _budget.reset(token)
+def start_budget(seconds: float = OPERATION_DEADLINE) -> None:
+    """Bound every JetStream call made from now on in this task (a request's own, whose context
+    ends with it) and in the tasks it starts to `seconds` in all."""
+    _budget.set(time.monotonic() + seconds)
 
 
 def unbounded() -> contextvars.Context:

@@ -244,6 +244,7 @@ class Api:
         self._durations = {op.name: self.metrics.api_duration.labels(op.name) for op in OPERATIONS}
         self._answered: dict[tuple[str, int], Any] = {}  # (operation, status) -> its series
         self._log_sample = ctx.settings.request_log_sample
+        self._span_names = {op.name: f"trigger-service {op.name}" for op in OPERATIONS}
         self._span_attributes = {
             op.name: {"messaging.system": "nats", "trigger.operation": op.name} for op in OPERATIONS
         }
@@ -317,7 +318,7 @@ class Api:
         headers = request.headers or {}
         status, account, error = 500, None, "500:Internal server error"
         span = tracing.begin(
-            f"trigger-service {op.name}", tracing.parse(headers), attributes=self._span_attributes[op.name]
+            self._span_names[op.name], tracing.parse(headers), attributes=self._span_attributes[op.name]
         )
         # Each request runs in a task of its own, whose context dies with it: bind, no unbind.
         log.bind_request(
@@ -327,8 +328,8 @@ class Api:
             caller = self._auth.authenticate(headers, write=op.write)
             account = caller.account
             payload = decode_request(op, request.subject, request.data, headers)
-            with jetstream.budget():
-                reply = await op.handler(self._ctx, caller, payload)
+            jetstream.start_budget()  # this task's context ends with the request
+            reply = await op.handler(self._ctx, caller, payload)
             status = op.success
             await replies.respond(request, _encode(reply))
         except Exception as exc:
