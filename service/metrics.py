@@ -49,6 +49,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._refreshes: list[Refresh] = []
+        self._series: dict[object, Any] = {}  # (name, status) -> its counter; name -> its histogram
         self.routes_live = Gauge(
             "trigger_routes_live",
             "Routes this replica carries or serves now, by kind",
@@ -62,6 +63,21 @@ class Metrics:
             ["keys"],
             registry=self.registry,
         )
+
+    def _answered(
+        self, requests: Counter, duration: Histogram, name: str, status: int, seconds: float
+    ) -> None:
+        """Count one request answered under `name` (an operation, a route template: never a path, so
+        the series stay few) with its status and time. The series are resolved once each: a
+        labels() lookup per request cost as much as counting."""
+        counter = self._series.get((name, status))
+        if counter is None:
+            counter = self._series[(name, status)] = requests.labels(name, str(status))
+        counter.inc()
+        timer = self._series.get(name)
+        if timer is None:
+            timer = self._series[name] = duration.labels(name)
+        timer.observe(seconds)
 
     def live_routes(self, kind: str, count: Callable[[], float]) -> None:
         """Report `count()` as the routes of `kind` this replica carries, read at each scrape."""
@@ -182,6 +198,10 @@ class ServiceMetrics(Metrics):
             self.durable_pending,
         )
 
+    def api_answered(self, operation: str, status: int, seconds: float) -> None:
+        """Count one answered API request of an operation."""
+        self._answered(self.api_requests, self.api_duration, operation, status, seconds)
+
     def stream_route(self, key: str) -> StreamRouteMetrics:
         """The counters of the stream trigger at `key`, resolved once for the carrying hot path."""
         labels = trigger_labels(key)
@@ -282,21 +302,10 @@ class SidecarMetrics(Metrics):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # The series of each (route template, status) and route template, resolved once: a labels()
-        # lookup per request and series cost as much as counting.
-        self._answered: dict[tuple[str, int], Any] = {}
-        self._durations: dict[str, Any] = {}
 
     def http_answered(self, route: str, status: int, seconds: float) -> None:
-        """Count one answered HTTP request of a route template (never a path: the series stay few)."""
-        counter = self._answered.get((route, status))
-        if counter is None:
-            counter = self._answered[(route, status)] = self.http_requests.labels(route, str(status))
-        counter.inc()
-        duration = self._durations.get(route)
-        if duration is None:
-            duration = self._durations[route] = self.http_duration.labels(route)
-        duration.observe(seconds)
+        """Count one answered HTTP request of a route template."""
+        self._answered(self.http_requests, self.http_duration, route, status, seconds)
 
     def gateway_route(self, key: str) -> GatewayRouteMetrics:
         """The counters of the gateway trigger at `key`, resolved once per stored revision."""

@@ -241,8 +241,6 @@ class Api:
         self._ctx = ctx
         self._auth = auth
         self.metrics = metrics or ServiceMetrics()
-        self._durations = {op.name: self.metrics.api_duration.labels(op.name) for op in OPERATIONS}
-        self._answered: dict[tuple[str, int], Any] = {}  # (operation, status) -> its series
         self._log_sample = ctx.settings.request_log_sample
         self._span_names = {op.name: f"trigger-service {op.name}" for op in OPERATIONS}
         self._span_attributes = {
@@ -351,13 +349,7 @@ class Api:
                 counts.errors += 1
                 counts.last_error = error
             self.metrics.api_in_flight -= 1
-            answered = self._answered.get((op.name, status))
-            if answered is None:  # resolved once: a labels() lookup per request cost as much as counting
-                answered = self._answered[(op.name, status)] = self.metrics.api_requests.labels(
-                    op.name, str(status)
-                )
-            answered.inc()
-            self._durations[op.name].observe(elapsed)
+            self.metrics.api_answered(op.name, status, elapsed)
             span.end(status)
             if status >= 400 or self._log_sample >= 1.0 or random.random() < self._log_sample:
                 _request_line(

@@ -207,16 +207,14 @@ class TriggerStore:
         may be a create still under way (taking that over answered two creates 201).
         """
         for _ in range(3):
-            claimed = await self.js.last(self.prefix + claim_key)
-            revision = claimed.seq if claimed is not None else 0
-            deleted = claimed is None or claimed.headers.get("KV-Operation") in ("DEL", "PURGE")
-            holder = "" if deleted or claimed is None else claimed.data.decode()
+            value, revision, stored_at = await self._raw(claim_key)
+            holder = (value or b"").decode()
             if holder == owner:
                 return True
-            if holder and claimed is not None:
+            if holder:
                 held = await self.js.last(self.prefix + holder)
                 if held is None:
-                    if _age(claimed.time) < CLAIM_UNDER_WAY:
+                    if _age(stored_at) < CLAIM_UNDER_WAY:
                         return False
                 else:
                     record = _live_record(holder, held.seq, held.data, held.headers)
@@ -275,12 +273,17 @@ class TriggerStore:
 
     async def get_raw(self, key: str) -> tuple[bytes | None, int]:
         """The value at `key` and its revision; (None, 0) when the key holds nothing."""
+        value, revision, _ = await self._raw(key)
+        return value, revision
+
+    async def _raw(self, key: str) -> tuple[bytes | None, int, str]:
+        """(value, revision, when it was stored); value None when deleted, (None, 0, "") when never."""
         message = await self.js.last(self.prefix + key)
         if message is None:
-            return None, 0
+            return None, 0, ""
         if message.headers.get("KV-Operation") in ("DEL", "PURGE"):
-            return None, message.seq
-        return message.data, message.seq
+            return None, message.seq, message.time
+        return message.data, message.seq, message.time
 
     async def put_raw(self, key: str, value: bytes, last: int) -> int | None:
         """Write `value` if `key` is still at revision `last` (0: holds nothing); None when it moved on."""

@@ -69,6 +69,8 @@ class DirectSubscription:
         nc._sid += 1
         self._conn, self._id = nc, nc._sid
         self._subject, self._queue, self._pending_queue = subject, queue, sink
+        # The client adds each message's size to `_pending_size`; with no byte limit nothing reads it,
+        # so it is not kept down as messages are handed on.
         self._received = self._pending_size = 0
         self._closed = False
 
@@ -217,7 +219,6 @@ class Lane:
             msg = messages.popleft()
             sub = subscriptions.get(msg._sid or 0)  # None once unsubscribed: dropped
             if sub is not None:
-                sub._pending_size -= len(msg.data)
                 try:
                     await sub._cb(msg)
                 except Exception as exc:
