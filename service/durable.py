@@ -32,6 +32,10 @@ the messages not yet delivered are discarded and their number logged. The other 
 when they follow the change, and remove the stream too unless the bucket says it is wanted
 again. Updates keep the stream (a changed S is a stream update, atomic at the server) and switch
 the delivery settings in place.
+
+A replica that stops (SIGTERM, a rolling restart) fetches no more and lets the deliveries it has
+in hand finish, confirmed or failed, for up to STOP_GRACE: what it delivered is not delivered
+again by the next.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ IN_HAND = 64  # messages one replica delivers at once on an unordered route
 MAX_ACK_PENDING = 1_000  # messages in flight on an unordered route, over all replicas
 ACK_GRACE = 1.0  # seconds `ack_wait` exceeds the confirmation timeout: a slow attempt is not taken over
 FETCH_WAIT = 1.0  # seconds one fetch waits for messages
+STOP_GRACE = 10.0  # seconds a stopping replica waits for its deliveries in hand (each ends by its timeout)
 ERROR_CHARS = 512  # the longest `Trigger-Last-Error` header value
 _STREAM_NAME_IN_USE = 10058  # the stream exists with another configuration
 _SUBJECTS_OVERLAP = 10065  # another stream of the account stores an overlapping subject
@@ -147,13 +152,23 @@ class _Route:
     revision: int  # the newest revision applied
     stream: str | None  # None while not durable (disabled, or switched to direct)
     plan: _Plan | None
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # fetches, and starts a delivery of each message
+    in_hand: set[asyncio.Task[None]] = field(default_factory=set)  # deliveries not settled yet
     counts: DeliveryCounts = field(default_factory=DeliveryCounts)
     meters: DurableRouteMetrics | None = None  # the same counts, as Prometheus series
 
 
 def _wanted(trigger: StreamTrigger | None) -> bool:
     return trigger is not None and trigger.durable and trigger.enabled
+
+
+async def _cancelled(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` until they are done: nats-py swallows a cancellation that lands in a publish
+    (an ack, say), so one cancel may not be enough."""
+    while pending := {task for task in tasks if not task.done()}:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
 
 
 def _timeout(delivery: Delivery) -> float:
@@ -239,7 +254,7 @@ class DurableRoutes:
         (unconfirmed messages come back to other replicas)."""
         await self._entered.aclose()
         routes, self._durable = list(self._durable.values()), {}
-        await asyncio.gather(*(self._stop_deliveries(route) for route in routes))
+        await asyncio.gather(*(self._stop_deliveries(route, grace=STOP_GRACE) for route in routes))
         data, self._data = self._data, None
         if data is not None:
             await finish(data)  # unsubscribes every route once its received messages are carried
@@ -519,13 +534,15 @@ class DurableRoutes:
 
     # --- deliveries ---------------------------------------------------------------------------
 
-    async def _stop_deliveries(self, route: _Route) -> None:
-        """Cancel the route's deliveries until they are done: nats-py swallows a cancellation that
-        lands in a publish (an ack, say), so one cancel may not be enough."""
+    async def _stop_deliveries(self, route: _Route, grace: float = 0.0) -> None:
+        """Fetch no more for the route, give its deliveries in hand `grace` seconds to settle, and
+        cancel what is left."""
         task, route.task = route.task, None
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        if task is not None:
+            await _cancelled({task})
+        if route.in_hand and grace > 0:
+            await asyncio.wait(route.in_hand, timeout=grace)
+        await _cancelled(route.in_hand)
 
     async def _deliveries(self, route: _Route) -> None:
         """Fetch from the shared consumer and deliver, for as long as the route lives; waits out
@@ -536,36 +553,30 @@ class DurableRoutes:
             data = self._data
             if data is None:
                 return
-            in_flight: set[asyncio.Task[None]] = set()
+            in_hand = route.in_hand  # outlives this loop: a stop lets the deliveries finish
             pull = None
             try:
                 pull = await data.jetstream().pull_subscribe_bind(CONSUMER, stream=route.stream)
                 while route.task is not None:
                     plan = route.plan
                     assert plan is not None
-                    room = 1 if plan.delivery.ordered else IN_HAND
-                    while in_flight and len(in_flight) >= room:
-                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    room = 1 if plan.delivery.ordered else IN_HAND  # ordered: settled before the next
+                    while in_hand and len(in_hand) >= room:
+                        await asyncio.wait(in_hand, return_when=asyncio.FIRST_COMPLETED)
                     try:
-                        messages = await pull.fetch(room - len(in_flight), timeout=FETCH_WAIT)
+                        messages = await pull.fetch(room - len(in_hand), timeout=FETCH_WAIT)
                     except (TimeoutError, nats.errors.TimeoutError):
                         continue
                     pause = _RETRY_MIN
                     for msg in messages:
-                        if plan.delivery.ordered:
-                            await self._deliver(route, msg)
-                            continue
                         task = asyncio.create_task(self._deliver(route, msg))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
+                        in_hand.add(task)
+                        task.add_done_callback(in_hand.discard)
             except Exception as exc:
                 _log.info(
                     "durable route waiting for JetStream", stream=route.stream, reason=str(exc) or repr(exc)
                 )
             finally:
-                for task in in_flight:
-                    task.cancel()
-                await asyncio.gather(*in_flight, return_exceptions=True)
                 if pull is not None:
                     with contextlib.suppress(nats.errors.Error):
                         await pull.unsubscribe()

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 
 from service.app import running
 from service.config import Settings
-from service.durable import stats_stream_name, stream_name
+from service.durable import IN_HAND, stats_stream_name, stream_name
 from service.natsserver import NatsServer
 from service.store import TriggerStore, key_of
 from tests.conftest import make_settings
@@ -228,6 +228,42 @@ async def test_a_publishers_request_on_s_gets_only_the_answer_of_its_own_respond
     assert replies.payloads == [b"pong"]
 
 
+async def test_a_stopping_replica_settles_the_deliveries_in_hand_before_it_goes(nc, settings):
+    """A clean stop (SIGTERM, a rolling restart) fetches no more, lets the deliveries it has in
+    hand finish and acknowledges them: nothing it delivered is delivered again by the next replica."""
+    name, count = unique(), 20
+    held: list[Msg] = []
+    numbers: list[int] = []
+
+    async def hold(msg: Msg) -> None:  # confirms nothing until the replica is stopping
+        numbers.append(int(msg.data))
+        held.append(msg)
+
+    await nc.subscribe(f"out.{name}", cb=hold)
+    key = key_of("acme", "stream", name)
+    async with contextlib.AsyncExitStack() as stack:
+        api = await stack.enter_async_context(running(settings))
+        created = await create(
+            nc, stream_request(name, f"in.{name}", f"out.{name}", delivery=durable(timeout_ms=10_000))
+        )
+        await publish_numbers(nc, f"in.{name}", range(count))
+        await eventually(lambda: len(held) == count, timeout=10)
+        stopping = asyncio.create_task(stack.aclose())
+        await eventually(lambda: api._ctx.carrier.counts(key) is None, timeout=10)  # type: ignore[attr-defined]
+        for msg in held:  # the confirmations arrive once the replica has let go of the route
+            await nc.publish(msg.reply, OK)
+        await nc.flush()
+        await stopping
+    consumer = f"$JS.API.CONSUMER.INFO.{capture_stream(settings, created)}.deliver"
+
+    async def settled() -> bool:  # well within ack_wait (11 s), after which JetStream would redeliver
+        info = json.loads((await nc.request(consumer, b"", timeout=5)).data)
+        return info["num_ack_pending"] == 0 and info["num_pending"] == 0
+
+    await eventually(settled, timeout=5)
+    assert sorted(numbers) == list(range(count))
+
+
 async def test_messages_published_while_no_replica_runs_are_delivered_when_one_starts(nc, settings):
     name = unique()
     target = await Target.on(nc, f"out.{name}")
@@ -292,13 +328,16 @@ async def _replicas(nc: Client, at_least: int) -> bool:
 
 async def test_a_replica_killed_mid_burst_loses_nothing(service, nc, settings):
     name, count = unique(), 3000
-    target = await Target.on(nc, f"out.{name}")
-    await create(nc, stream_request(name, f"in.{name}", f"out.{name}", delivery=durable(timeout_ms=300)))
+    confirming = False  # until the kill: each replica then holds at most IN_HAND unconfirmed
+    target = await Target.on(nc, f"out.{name}", lambda number, attempt: OK if confirming else None)
+    await create(nc, stream_request(name, f"in.{name}", f"out.{name}", delivery=durable(timeout_ms=2000)))
     async with replica_process(settings) as victim:
         await eventually(lambda: _replicas(nc, 2), timeout=20)  # the victim delivers too
         await publish_numbers(nc, f"in.{name}", range(count))
-        await eventually(lambda: len(target.received) >= count // 4, timeout=15)
+        # More messages at the target than one replica holds: the victim has some in hand.
+        await eventually(lambda: len(target.attempts) > IN_HAND, timeout=15)
         victim.kill()  # SIGKILL: its messages in hand are never confirmed
+    confirming = True
     await eventually(lambda: target.has_all(count), timeout=30)
     report("kill", target)
 
