@@ -250,8 +250,9 @@ class DurableRoutes:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop the inner carrier (and with it following the bucket), then every delivery
-        (unconfirmed messages come back to other replicas)."""
+        """Stop the inner carrier (and with it following the bucket), then every route: no more
+        fetches, the deliveries in hand given STOP_GRACE to settle (what is still unconfirmed
+        after that comes back to other replicas)."""
         await self._entered.aclose()
         routes, self._durable = list(self._durable.values()), {}
         await asyncio.gather(*(self._stop_deliveries(route, grace=STOP_GRACE) for route in routes))
