@@ -239,12 +239,7 @@ async def get_and_list(b: Bench) -> None:
         return load.OK in msg.data and b'"results_total":%d' % MATCHING in msg.data
 
     async def raw_watch(_: int) -> bool:
-        watcher = await kv.watch("default.stream.*")
-        found = 0
-        while await watcher.updates(timeout=None) is not None:  # as service.store does
-            found += 1
-        await watcher.stop()
-        return found == MATCHING
+        return await load.watched(kv, "default.stream.*") == MATCHING
 
     samples: dict[str, list[Sample]] = {k: [] for k in ("get1", "get64", "rget1", "rget64", "list", "watch")}
     async with b.service(bucket, profile="service-get-list") as service:
@@ -367,6 +362,15 @@ async def _preload(nc: Client, bucket: str, keys: list[tuple[str, str, str]]) ->
 # --- HTTP sidecar ----------------------------------------------------------------------------
 
 
+def public_get(name: str, path: str) -> dict[str, object]:
+    """The create request of a public gateway trigger for `GET path`."""
+    return {
+        "name": name,
+        "trigger_type": "gateway",
+        "gateway_mapping": {"method": "GET", "path": path, "is_public": True},
+    }
+
+
 def _sidecar_missing() -> str | None:
     if importlib.util.find_spec("service.gateway.app") is None:
         return "not available yet: service/gateway/app.py (the HTTP sidecar) is missing"
@@ -463,11 +467,7 @@ async def gateway_request(b: Bench) -> None:
         return
     bucket = unique("bench-gw")
     path = f"/bench/{unique('echo')}"
-    body = {
-        "name": unique("gw"),
-        "trigger_type": "gateway",
-        "gateway_mapping": {"method": "GET", "path": path, "is_public": True},
-    }
+    body = public_get(unique("gw"), path)
     samples: dict[str, list[Sample]] = {"sidecar": [], "forwarder": [], "nats": []}
     async with b.service(bucket), _sidecar(b, bucket, profile="sidecar-gateway") as sidecar:
         msg = await b.nc.request(f"{PREFIX}.create.gateway", msgspec.json.encode(body), timeout=10)
@@ -764,11 +764,7 @@ async def _gateway_activation(b: Bench) -> None:
             times: list[float] = []
             for _ in range(max(3, b.activations // 4)):
                 name, path = unique("gwa"), f"/bench/{unique('act')}"
-                body = {
-                    "name": name,
-                    "trigger_type": "gateway",
-                    "gateway_mapping": {"method": "GET", "path": path, "is_public": True},
-                }
+                body = public_get(name, path)
                 msg = await b.nc.request(f"{PREFIX}.create.gateway", msgspec.json.encode(body), timeout=10)
                 created = time.perf_counter()
                 assert load.OK in msg.data, msg.data

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import nats.errors
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 
 from bench.procs import BENCH, which
 from bench.stats import Sample
@@ -207,3 +208,13 @@ async def http_status(url: str, method: str = "GET", body: bytes | None = None) 
             await resp.read()
             return resp.status
     return 0
+
+
+async def watched(kv: KeyValue, keys: str) -> int:
+    """How many live entries a filtered `kv.watch` delivers until it is current (as service.store reads)."""
+    watcher = await kv.watch(keys)
+    found = 0
+    while await watcher.updates(timeout=None) is not None:
+        found += 1
+    await watcher.stop()
+    return found

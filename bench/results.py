@@ -101,6 +101,11 @@ def _figure(entry: dict[str, object]) -> tuple[float | None, bool]:
     return (float(ours), False) if isinstance(ours, int | float) else (None, False)
 
 
+def _change(entry: dict[str, object], old: float | None, new: float | None, by_ratio: bool) -> Change:
+    higher_is_better = bool(entry.get("higher_is_better", True))
+    return Change(str(entry["case"]), str(entry["metric"]), old, new, by_ratio, higher_is_better)
+
+
 def compare(old: list[dict[str, object]], new: list[dict[str, object]], *, gone: bool = True) -> list[Change]:
     """Every row of `new` beside the same row (case, metric, baseline) of `old`, then (with `gone`)
     the rows of `old` that `new` lacks."""
@@ -112,28 +117,10 @@ def compare(old: list[dict[str, object]], new: list[dict[str, object]], *, gone:
         old_figure = _figure(previous)[0] if previous is not None else None
         if previous is not None and _figure(previous)[1] != by_ratio:
             old_figure = None  # one run had a baseline, the other not: not comparable
-        changes.append(
-            Change(
-                str(entry["case"]),
-                str(entry["metric"]),
-                old_figure,
-                new_figure,
-                by_ratio,
-                bool(entry.get("higher_is_better", True)),
-            )
-        )
+        changes.append(_change(entry, old_figure, new_figure, by_ratio))
     for entry in before.values() if gone else ():
         figure, by_ratio = _figure(entry)
-        changes.append(
-            Change(
-                str(entry["case"]),
-                str(entry["metric"]),
-                figure,
-                None,
-                by_ratio,
-                bool(entry.get("higher_is_better", True)),
-            )
-        )
+        changes.append(_change(entry, figure, None, by_ratio))
     return changes
 
 

@@ -141,12 +141,7 @@ async def _reads(b: Bench, level: Level, service: Child, keys: list[tuple[str, s
         return load.OK in msg.data and b'"results_total":%d' % len(names) in msg.data
 
     async def raw_watch(_: int) -> bool:
-        watcher = await kv.watch("default.stream.*")
-        found = 0
-        while await watcher.updates(timeout=None) is not None:  # as service.store does
-            found += 1
-        await watcher.stop()
-        return found == len(names)
+        return await load.watched(kv, "default.stream.*") == len(names)
 
     async def raw_get(i: int) -> bool:
         return bool((await kv.get(f"default.stream.{names[i * 7919 % len(names)]}")).value)

@@ -26,6 +26,7 @@ from bench.cases import (
     _wrk,
     creates,
     metered,
+    public_get,
 )
 from bench.procs import Child, free_port, running, unique, wait_for
 from bench.stats import CPU, RATE, Sample
@@ -87,11 +88,7 @@ async def sidecar_variants(b: Bench) -> None:
     """A gateway route and a create with the minimal responder behind, for each sidecar variant."""
     bucket = unique("bench-var")
     path = f"/bench/{unique('echo')}"
-    body = {
-        "name": unique("gw"),
-        "trigger_type": "gateway",
-        "gateway_mapping": {"method": "GET", "path": path, "is_public": True},
-    }
+    body = public_get(unique("gw"), path)
     route: dict[str, list[Sample]] = {name: [] for name in [*SIDECARS, "forwarder"]}
     create: dict[str, list[Sample]] = {name: [] for name in [*SIDECARS, "forwarder"]}
     async with b.service(bucket):

@@ -50,15 +50,23 @@ def _events(log: Path, event: str) -> int:
     return sum(1 for line in log_lines(log) if line.get("event") == event)
 
 
-async def test_two_workers_serve_one_port_and_stop_together_on_sigterm(
-    nats_server: NatsServer, tmp_path: Path, processes
-) -> None:
+async def _two_workers(
+    nats_server: NatsServer, tmp_path: Path, processes: list[tuple[subprocess.Popen[bytes], Path]]
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A sidecar of two workers on a free port, once both have started: its process, log and port."""
     port = free_port()
     env = env_for(
         nats_server.url, unique("bucket"), TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}", TRIGGER_HTTP_WORKERS="2"
     )
     proc, log = _start(processes, tmp_path, env)
     await eventually(lambda: _events(log, "started") == 2, timeout=30)
+    return proc, log, port
+
+
+async def test_two_workers_serve_one_port_and_stop_together_on_sigterm(
+    nats_server: NatsServer, tmp_path: Path, processes
+) -> None:
+    proc, log, port = await _two_workers(nats_server, tmp_path, processes)
     connector = aiohttp.TCPConnector(force_close=True)  # a connection per request: spread over both
     async with aiohttp.ClientSession(connector=connector) as http:
         for _ in range(20):
@@ -72,12 +80,7 @@ async def test_two_workers_serve_one_port_and_stop_together_on_sigterm(
 async def test_a_worker_that_dies_ends_the_sidecar(
     nats_server: NatsServer, tmp_path: Path, processes
 ) -> None:
-    port = free_port()
-    env = env_for(
-        nats_server.url, unique("bucket"), TRIGGER_HTTP_ADDR=f"127.0.0.1:{port}", TRIGGER_HTTP_WORKERS="2"
-    )
-    proc, log = _start(processes, tmp_path, env)
-    await eventually(lambda: _events(log, "started") == 2, timeout=30)
+    proc, log, _ = await _two_workers(nats_server, tmp_path, processes)
     workers = [int(pid) for pid in _children(proc.pid)]
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
